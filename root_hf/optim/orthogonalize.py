@@ -1,0 +1,95 @@
+"""Newton-Schulz orthogonalization: ``G -> approximately U V^T`` for ``G = U S V^T``, batched over leading dims."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from .coefficients import DEFAULT_SCHEDULE, Schedule, ScheduleSpec, get_schedule
+
+__all__ = ["NS_DTYPES", "NsDtype", "newton_schulz", "orthogonalize", "resolve_ns_dtype"]
+
+NsDtype = Literal["auto", "float32", "bfloat16", "float16", "float64"] | torch.dtype
+NS_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float64": torch.float64,
+}
+
+
+def resolve_ns_dtype(ns_dtype: NsDtype, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.dtype:
+    """Map ``ns_dtype`` to a dtype: ``"auto"`` is bfloat16 on CUDA (tensor cores), elsewhere float32, or float64 for
+    float64 input ``dtype`` (so a float64 run stays float64 end to end)."""
+    if isinstance(ns_dtype, torch.dtype):
+        if ns_dtype not in NS_DTYPES.values():
+            raise ValueError(f"Invalid ns_dtype: {ns_dtype!r}. Must be 'auto' or one of {tuple(NS_DTYPES)}.")
+        return ns_dtype
+    if ns_dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.promote_types(dtype, torch.float32)
+    if ns_dtype not in NS_DTYPES:
+        raise ValueError(f"Invalid ns_dtype: {ns_dtype!r}. Must be 'auto' or one of {tuple(NS_DTYPES)}.")
+    return NS_DTYPES[ns_dtype]
+
+
+def newton_schulz(x: torch.Tensor, schedule: Schedule) -> torch.Tensor:
+    """Run the quintic iterations of ``schedule`` on a batch ``x`` of shape ``(batch, m, n)``, already normalized.
+
+    Each step is ``X <- a X + (b A + c A^2) X`` with ``A = X X^T`` (the Gram matrix on the short side: for tall
+    matrices the same map is computed as ``X <- a X + X (b A + c A^2)`` with ``A = X^T X``, so nothing is transposed).
+    """
+    tall = x.shape[-2] > x.shape[-1]
+    for a, b, c in schedule:
+        gram = x.mT @ x if tall else x @ x.mT
+        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)  # b A + c A^2
+        x = torch.baddbmm(x, x, poly, beta=a) if tall else torch.baddbmm(x, poly, x, beta=a)
+    return x
+
+
+def orthogonalize(
+    G: torch.Tensor,
+    *,
+    ns_coefficients: ScheduleSpec = DEFAULT_SCHEDULE,
+    ns_steps: int = 5,
+    eps: float = 1e-7,
+    ns_dtype: NsDtype = "auto",
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    r"""Approximate the polar factor :math:`U V^\top` of each matrix in ``G`` by Newton-Schulz iteration.
+
+    ``X_0 = G / (||G||_F + eps)`` puts every singular value in ``[0, 1]``; then ``ns_steps`` quintic steps with the
+    coefficient schedule chosen for the matrix shape push them towards 1. Tensors with more than 2 dims are batches of
+    matrices over the leading dims (use ``G.reshape(G.shape[0], -1)`` first for a conv weight).
+
+    Args:
+        G: tensor of shape ``(..., m, n)``.
+        ns_coefficients: schedule name, one ``(a, b, c)`` triple, or one triple per step (default: the package
+            default schedule).
+        ns_steps: number of Newton-Schulz steps (default: 5). ``0`` returns the normalized input.
+        eps: added to the Frobenius norm before dividing (default: 1e-7, as ``torch.optim.Muon``).
+        ns_dtype: dtype of the iteration: ``"auto"`` (bfloat16 on CUDA, else float32, or float64 for float64 input),
+            ``"float32"``, ``"bfloat16"``, ``"float16"``, ``"float64"`` or a ``torch.dtype``. The norm is always taken
+            in float32 or wider.
+        out_dtype: dtype of the result (default: ``G.dtype``).
+
+    Returns:
+        Tensor of the shape of ``G``. An all-zero matrix returns all zeros.
+
+    Example:
+        >>> G = torch.randn(64, 256)
+        >>> X = orthogonalize(G, ns_coefficients="muon")
+        >>> bool(torch.linalg.svdvals(X).max() < 1.21)
+        True
+    """
+    if G.dim() < 2:
+        raise ValueError(f"Invalid input of shape {tuple(G.shape)}: orthogonalize needs at least 2 dims (..., m, n).")
+    m, n = G.shape[-2:]
+    schedule = get_schedule(ns_coefficients, (m, n), ns_steps)
+    x = G.reshape(-1, m, n)
+    norm_dtype = torch.promote_types(x.dtype, torch.float32)
+    dtype = resolve_ns_dtype(ns_dtype, G.device, norm_dtype)
+    norm = torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True, dtype=norm_dtype)
+    x = (x.to(norm_dtype) / (norm + eps)).to(dtype)
+    x = newton_schulz(x, schedule)
+    return x.to(out_dtype or G.dtype).reshape(G.shape)

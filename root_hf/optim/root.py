@@ -1,0 +1,493 @@
+"""ROOT: Robust Orthogonalized Optimizer (He et al. 2025, arXiv 2511.20626), the fast implementation.
+
+Layers, as in ``torch.optim``: :class:`ROOT` validates hyperparameters and owns the state; the functional
+:func:`root` and :func:`adamw` run one step of each branch on lists of tensors; the private kernels below them are pure
+tensor code. :class:`root_hf.RootReference` is the slow, line-by-line specification this file is tested against.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from typing import Any, Literal
+
+import torch
+from torch.optim.optimizer import Optimizer, ParamsT
+
+from .clip import soft_threshold_clip_
+from .coefficients import DEFAULT_SCHEDULE, ScheduleSpec, get_schedule, normalize_schedule_spec
+from .orthogonalize import NsDtype, newton_schulz, resolve_ns_dtype
+
+__all__ = ["ADJUST_LR_FNS", "ROOT", "adamw", "adjusted_lr_ratio", "root"]
+
+AdjustLrFn = Literal["match_rms_adamw", "original"] | None
+ADJUST_LR_FNS = ("match_rms_adamw", "original", None)
+NonfiniteGrads = Literal["raise", "skip", "ignore"]
+NONFINITE_MODES = ("raise", "skip", "ignore")
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def adjusted_lr_ratio(adjust_lr_fn: AdjustLrFn, shape: Iterable[int]) -> float:
+    """Scale of the orthogonalized update for a weight whose 2-D view is ``(m, n)``.
+
+    ``"match_rms_adamw"``: ``0.2 * sqrt(max(m, n))`` (Moonlight, Liu et al. 2025, arXiv 2502.16982): matches the update
+    RMS of AdamW so lr and weight decay tuned for AdamW carry over. ``"original"``: ``sqrt(max(1, m / n))`` (Keller
+    Jordan's Muon). ``None``: 1 (no adjustment; note that ``torch.optim.Muon`` reads ``None`` as ``"original"``).
+    """
+    shape = tuple(shape)
+    m, n = shape[0], math.prod(shape[1:])
+    if adjust_lr_fn == "match_rms_adamw":
+        return 0.2 * math.sqrt(max(m, n))
+    if adjust_lr_fn == "original":
+        return math.sqrt(max(1.0, m / n))
+    if adjust_lr_fn is None:
+        return 1.0
+    raise ValueError(f"Invalid adjust_lr_fn: {adjust_lr_fn!r}. Must be one of {ADJUST_LR_FNS}.")
+
+
+def _state_dtype(param: torch.Tensor) -> torch.dtype:
+    """Optimizer state is float32 for half-precision params, else the param's own dtype (float64 stays float64)."""
+    return torch.float32 if param.dtype in _HALF else param.dtype
+
+
+def _flat_param_error(shape: tuple[int, ...]) -> ValueError:
+    return ValueError(
+        f"ROOT received a parameter of shape {shape} in a use_root=True group, but it orthogonalizes matrices "
+        "(2 or more dims). If your model has no such 1-D weights, the parameters were flattened by the training "
+        "framework: FSDP1 (use_orig_params) and DeepSpeed ZeRO hand optimizers flat 1-D shards, on which "
+        "orthogonalization is impossible. Use FSDP2 (fsdp_version=2) or DDP instead; for genuine 1-D parameters "
+        "put them in a group with use_root=False (AdamW branch)."
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Functional layer
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def root(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    momentum_buffers: list[torch.Tensor],
+    *,
+    lr: float,
+    weight_decay: float,
+    momentum: float,
+    nesterov: bool,
+    clip_quantile: float | None,
+    ns_steps: int,
+    ns_coefficients: ScheduleSpec,
+    eps: float,
+    adjust_lr_fn: AdjustLrFn,
+    ns_dtype: NsDtype,
+    diagnostics: dict[str, list[torch.Tensor]] | None = None,
+) -> None:
+    r"""One ROOT step on matrix params (functional API; see :class:`ROOT` for the algorithm).
+
+    Params are grouped by the shape of their 2-D view ``(shape[0], -1)`` and device; each group is clipped and
+    orthogonalized in one batched call. If ``diagnostics`` is a dict, per-matrix statistics are appended to it
+    (``clip_fraction``, ``eps_over_rms``, ``update_rms``, ``ortho_error``); this costs one extra Gram matrix per group.
+    """
+    buckets: dict[tuple[tuple[int, int], torch.device], list[int]] = defaultdict(list)
+    for i, p in enumerate(params):
+        if p.dim() < 2:
+            raise _flat_param_error(tuple(p.shape))
+        buckets[((p.shape[0], p[0].numel()), p.device)].append(i)
+    for ((m, n), device), idx in buckets.items():
+        work_dtype = momentum_buffers[idx[0]].dtype
+        # U_t for every matrix of the bucket, written straight into one (batch, m, n) buffer.
+        u = torch.empty((len(idx), m, n), dtype=work_dtype, device=device)
+        for j, i in enumerate(idx):
+            g = grads[i].reshape(m, n)
+            buf = momentum_buffers[i].view(m, n)
+            buf.mul_(momentum).add_(g)  # M_t = mu M_{t-1} + G_t
+            if nesterov:
+                torch.add(g, buf, alpha=momentum, out=u[j])  # U_t = G_t + mu M_t
+            else:
+                u[j].copy_(buf)
+        if diagnostics is not None:
+            rms = u.square().mean(dim=(1, 2)).sqrt()
+        if clip_quantile is not None:
+            if diagnostics is not None:
+                before = u.clone()
+            thresh = soft_threshold_clip_(u, clip_quantile)  # B_t = U_t - O_t = clamp(U_t, -eps_t, eps_t)
+            if diagnostics is not None:
+                diagnostics["clip_fraction"].append((before.abs() > thresh.view(-1, 1, 1)).float().mean(dim=(1, 2)))
+                diagnostics["eps_over_rms"].append(thresh / rms.clamp(min=torch.finfo(rms.dtype).tiny))
+        if ns_steps > 0:
+            schedule = get_schedule(ns_coefficients, (m, n), ns_steps)
+            x = _normalize(u, eps, resolve_ns_dtype(ns_dtype, device, work_dtype))
+            x = newton_schulz(x, schedule)
+        else:
+            x = u  # orthogonalization off: the update is the (clipped) momentum itself
+        scale = adjusted_lr_ratio(adjust_lr_fn, (m, n))
+        if diagnostics is not None:
+            diagnostics["update_rms"].append(lr * scale * x.float().square().mean(dim=(1, 2)).sqrt())
+            diagnostics["ortho_error"].append(_ortho_error(x))
+        for j, i in enumerate(idx):
+            p = params[i]
+            if weight_decay != 0:
+                p.mul_(1 - lr * weight_decay)  # decoupled decay with the unscaled lr
+            p.add_(x[j].view_as(p) if x[j].dtype == p.dtype else x[j].to(p.dtype).view_as(p), alpha=-lr * scale)
+
+
+def _normalize(u: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
+    """``X_0 = B / (||B||_F + eps)`` per matrix, with the norm in float32 or wider, cast to the NS dtype."""
+    norm = torch.linalg.vector_norm(u, dim=(1, 2), keepdim=True)
+    return (u / (norm + eps)).to(dtype)
+
+
+def _ortho_error(x: torch.Tensor) -> torch.Tensor:
+    """``||X X^T - I||_F / sqrt(min(m, n))``: the RMS distance of the singular values' squares from 1."""
+    x = x.float()
+    gram = x.mT @ x if x.shape[-2] > x.shape[-1] else x @ x.mT
+    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    return torch.linalg.matrix_norm(gram - eye) / math.sqrt(gram.shape[-1])
+
+
+def adamw(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    state_steps: list[torch.Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    diagnostics: dict[str, list[torch.Tensor]] | None = None,
+) -> None:
+    """One AdamW step (Loshchilov & Hutter 2019), with the same arithmetic as ``torch.optim.AdamW(foreach=False)``.
+
+    Half-precision params keep float32 moments; their update is computed in float32 and rounded once.
+    """
+    for p, g, m, v, step_t in zip(params, grads, exp_avgs, exp_avg_sqs, state_steps, strict=False):
+        step_t += 1
+        half = p.dtype in _HALF
+        w = p.float() if half else p
+        g = g.float() if half else g
+        if diagnostics is not None:
+            before = w.clone()
+        if weight_decay != 0:
+            w.mul_(1 - lr * weight_decay)
+        m.lerp_(g, 1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        step = step_t.item()
+        bias_correction1 = 1 - beta1**step
+        bias_correction2 = 1 - beta2**step
+        step_size = lr / bias_correction1
+        denom = (v.sqrt() / bias_correction2**0.5).add_(eps)
+        w.addcdiv_(m, denom, value=-step_size)
+        if diagnostics is not None:
+            diagnostics["update_rms"].append((w - before).float().square().mean().sqrt().reshape(1))
+        if half:
+            p.copy_(w)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Optimizer class
+# --------------------------------------------------------------------------------------------------------------------
+
+_ROOT_KEYS = (
+    "momentum",
+    "nesterov",
+    "clip_quantile",
+    "ns_steps",
+    "ns_coefficients",
+    "eps",
+    "adjust_lr_fn",
+    "ns_dtype",
+)
+
+
+def _validate_group(group: dict[str, Any]) -> None:
+    lr, wd = group["lr"], group["weight_decay"]
+    if isinstance(lr, torch.Tensor):
+        raise ValueError("Invalid lr: a Tensor lr is not supported by ROOT. Pass a float.")
+    if not (isinstance(lr, (int, float)) and lr >= 0 and math.isfinite(lr)):
+        raise ValueError(f"Invalid lr: {lr!r}. Must be a finite float >= 0.")
+    if not (isinstance(wd, (int, float)) and wd >= 0 and math.isfinite(wd)):
+        raise ValueError(f"Invalid weight_decay: {wd!r}. Must be a finite float >= 0.")
+    if group["use_root"] not in (True, False, None):
+        raise ValueError(f"Invalid use_root: {group['use_root']!r}. Must be True, False or None (by ndim).")
+    mu = group["momentum"]
+    if not (isinstance(mu, (int, float)) and 0 <= mu < 1):
+        raise ValueError(f"Invalid momentum: {mu!r}. Must be a float in [0, 1).")
+    if not isinstance(group["nesterov"], bool):
+        raise ValueError(f"Invalid nesterov: {group['nesterov']!r}. Must be True or False.")
+    q = group["clip_quantile"]
+    if q is not None and not (isinstance(q, (int, float)) and 0 < q <= 1):
+        raise ValueError(f"Invalid clip_quantile: {q!r}. Must be a float in (0, 1], or None to turn clipping off.")
+    k = group["ns_steps"]
+    if not (isinstance(k, int) and not isinstance(k, bool) and 0 <= k <= 100):
+        raise ValueError(f"Invalid ns_steps: {k!r}. Must be an integer in [0, 100] (0 turns orthogonalization off).")
+    group["ns_coefficients"] = normalize_schedule_spec(group["ns_coefficients"])
+    if not isinstance(group["ns_coefficients"], str) and not isinstance(group["ns_coefficients"][0], float):
+        get_schedule(group["ns_coefficients"], (1, 1), k)  # a per-step list must have ns_steps entries
+    if not (isinstance(group["eps"], (int, float)) and group["eps"] >= 0):
+        raise ValueError(f"Invalid eps: {group['eps']!r}. Must be a float >= 0.")
+    if group["adjust_lr_fn"] not in ADJUST_LR_FNS:
+        raise ValueError(f"Invalid adjust_lr_fn: {group['adjust_lr_fn']!r}. Must be one of {ADJUST_LR_FNS}.")
+    ns_dtype = group["ns_dtype"]
+    resolve_ns_dtype(ns_dtype, torch.device("cpu"))
+    if isinstance(ns_dtype, torch.dtype):  # keep param_groups plain for torch.load(weights_only=True)
+        group["ns_dtype"] = str(ns_dtype).removeprefix("torch.")
+    betas = group["betas"]
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(0 <= b < 1 for b in betas)):
+        raise ValueError(f"Invalid betas: {betas!r}. Must be two floats in [0, 1).")
+    group["betas"] = tuple(float(b) for b in betas)
+    if not (isinstance(group["adamw_eps"], (int, float)) and group["adamw_eps"] >= 0):
+        raise ValueError(f"Invalid adamw_eps: {group['adamw_eps']!r}. Must be a float >= 0.")
+
+
+class ROOT(Optimizer):
+    r"""ROOT, the Robust Orthogonalized Optimizer: Muon with outlier suppression and shape-aware Newton-Schulz.
+
+    Use it for the hidden weight matrices of a network, with the AdamW branch (inside the same optimizer) for
+    everything else: one ``state_dict``, one LR scheduler and one ``GradScaler`` cover both. Without explicit groups,
+    parameters with 2 or more dims take the ROOT branch and the rest AdamW. Token embeddings and LM heads are matrices
+    but belong in the AdamW branch: pass them in a group with ``use_root=False`` (the Hugging Face integration does
+    this by name). Do not use it where the training framework flattens parameters (FSDP1, DeepSpeed ZeRO): it raises.
+
+    For each matrix :math:`W \in \mathbb{R}^{m \times n}` (tensors with more dims are viewed as
+    ``(shape[0], -1)``) with gradient :math:`G_t`:
+
+    .. math::
+        \begin{aligned}
+            M_t &= \mu M_{t-1} + G_t
+                && \text{momentum (SGD-sum form)} \\
+            U_t &= G_t + \mu M_t \ \text{(Nesterov)}\quad\text{or}\quad U_t = M_t \\
+            \epsilon_t &= \mathrm{Quantile}_{q}\big(|U_t|\big)
+                && \text{per-matrix threshold, } q = 0.90 \\
+            O_t &= \mathrm{sign}(U_t) \odot \max(|U_t| - \epsilon_t, 0)
+                && \text{outliers (soft-thresholding), discarded} \\
+            B_t &= U_t - O_t = \mathrm{clamp}(U_t, -\epsilon_t, \epsilon_t)
+                && \text{robust part} \\
+            X_0 &= B_t / (\lVert B_t \rVert_F + \varepsilon), \quad
+            X_{k} = a_k X_{k-1} + b_k A_{k-1} X_{k-1} + c_k A_{k-1}^2 X_{k-1}, \ A = X X^\top
+                && \text{NS, } (a_k, b_k, c_k) \text{ chosen for } (m, n) \\
+            W_t &= W_{t-1} (1 - \eta \lambda) - \eta \, s(m, n) \, X_K
+                && s = 0.2 \sqrt{\max(m, n)} \text{ (matched RMS)}
+        \end{aligned}
+
+    Args:
+        params: iterable of parameters, named parameters or param groups. A group may set ``use_root`` (True: ROOT
+            branch, False: AdamW branch, None/absent: by ndim) and any hyperparameter below.
+        lr (float): learning rate :math:`\eta` of both branches (default: 1e-3).
+        weight_decay (float): decoupled weight decay :math:`\lambda`, applied as ``W *= 1 - lr * wd`` (default: 0.1).
+        momentum (float): :math:`\mu` (default: 0.95).
+        nesterov (bool): use :math:`U_t = G_t + \mu M_t` (default: True, as the authors' code).
+        clip_quantile (float or None): quantile level :math:`q` of the soft-threshold; None turns outlier suppression
+            off (default: 0.90, the paper's best percentile).
+        ns_steps (int): Newton-Schulz steps :math:`K`; 0 turns orthogonalization off (default: 5).
+        ns_coefficients: schedule name (``"root-paper-safe"``, ``"root-paper"``, ``"muon"``), one ``(a, b, c)``
+            triple or one triple per step (default: ``"root-paper-safe"``).
+        eps (float): added to :math:`\lVert B_t \rVert_F` before normalizing (default: 1e-7).
+        adjust_lr_fn (str or None): ``"match_rms_adamw"`` (:math:`0.2\sqrt{\max(m, n)}`), ``"original"``
+            (:math:`\sqrt{\max(1, m/n)}`) or None (1) (default: ``"match_rms_adamw"``).
+        ns_dtype: dtype of the Newton-Schulz iteration: ``"auto"`` (bfloat16 on CUDA, float32 on CPU),
+            ``"float32"``, ``"bfloat16"``, ``"float16"``, ``"float64"`` (default: ``"auto"``).
+        betas (tuple[float, float]): AdamW branch :math:`(\beta_1, \beta_2)` (default: (0.9, 0.95)).
+        adamw_eps (float): AdamW branch epsilon (default: 1e-8).
+        nonfinite_grads (str): what a step does when a gradient holds inf or NaN: ``"raise"`` a ``FloatingPointError``
+            (default), ``"skip"`` the whole step with a warning (nothing changes), or ``"ignore"`` (no check: saves one
+            device sync per step; non-finite values then reach weights).
+
+    State: ``momentum_buffer`` per ROOT matrix; ``step``, ``exp_avg``, ``exp_avg_sq`` per AdamW param. State is
+    float32 for bfloat16/float16 params, also after :meth:`load_state_dict`.
+
+    References:
+        - ROOT: He et al., "ROOT: Robust Orthogonalized Optimizer for Neural Network Training",
+          https://arxiv.org/abs/2511.20626
+        - Muon: Jordan et al. 2024, https://kellerjordan.github.io/posts/muon/
+        - Matched-RMS scaling: Liu et al., "Muon is Scalable for LLM Training", https://arxiv.org/abs/2502.16982
+
+    Example:
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+        >>> opt = ROOT(model.parameters(), lr=1e-3)
+        >>> model(torch.randn(4, 8)).pow(2).mean().backward()
+        >>> opt.step()
+        >>> opt.zero_grad()
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 1e-3,
+        weight_decay: float = 0.1,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        clip_quantile: float | None = 0.90,
+        ns_steps: int = 5,
+        ns_coefficients: ScheduleSpec = DEFAULT_SCHEDULE,
+        eps: float = 1e-7,
+        adjust_lr_fn: AdjustLrFn = "match_rms_adamw",
+        ns_dtype: NsDtype = "auto",
+        betas: tuple[float, float] = (0.9, 0.95),
+        adamw_eps: float = 1e-8,
+        *,
+        nonfinite_grads: NonfiniteGrads = "raise",
+    ) -> None:
+        if nonfinite_grads not in NONFINITE_MODES:
+            raise ValueError(f"Invalid nonfinite_grads: {nonfinite_grads!r}. Must be one of {NONFINITE_MODES}.")
+        self.nonfinite_grads = nonfinite_grads
+        # Diagnostics: set ``collect_diagnostics = True`` before a step; that step fills ``last_diagnostics``.
+        self.collect_diagnostics = False
+        self.last_diagnostics: dict[str, float] = {}
+        defaults = dict(
+            lr=lr,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            nesterov=nesterov,
+            clip_quantile=clip_quantile,
+            ns_steps=ns_steps,
+            ns_coefficients=ns_coefficients,
+            eps=eps,
+            adjust_lr_fn=adjust_lr_fn,
+            ns_dtype=ns_dtype,
+            betas=betas,
+            adamw_eps=adamw_eps,
+            use_root=None,
+        )
+        _validate_group(dict(defaults))
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group; a group without ``use_root`` is split into a ROOT group (ndim >= 2) and an AdamW group."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}.")
+        use_root = param_group.get("use_root", self.defaults["use_root"])
+        if use_root is None:
+            params = param_group["params"]
+            params = [params] if isinstance(params, torch.Tensor) else list(params)
+
+            def ndim(entry: Any) -> int:
+                return (entry[1] if isinstance(entry, tuple) else entry).dim()
+
+            for flag, members in (
+                (True, [e for e in params if ndim(e) >= 2]),
+                (False, [e for e in params if ndim(e) < 2]),
+            ):
+                if members:
+                    self.add_param_group({**param_group, "params": members, "use_root": flag})
+            return
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        _validate_group(group)
+        if group["use_root"]:
+            for p in group["params"]:
+                if p.dim() < 2:
+                    raise _flat_param_error(tuple(p.shape))
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("nonfinite_grads", "raise")
+        self.__dict__.setdefault("collect_diagnostics", False)
+        self.__dict__.setdefault("last_diagnostics", {})
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load state; unlike ``torch.optim.Optimizer``, floating state keeps float32 for half-precision params."""
+        saved_state = state_dict["state"]
+        saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
+        super().load_state_dict(state_dict)
+        params = [p for g in self.param_groups for p in g["params"]]
+        for pid, p in zip(saved_ids, params, strict=False):
+            if pid not in saved_state or p.dtype not in _HALF:
+                continue
+            for key, value in saved_state[pid].items():
+                if key != "step" and isinstance(value, torch.Tensor) and value.is_floating_point():
+                    self.state[p][key] = value.to(device=p.device, dtype=torch.float32)
+
+    def _grads_finite(self) -> bool:
+        norms = [
+            torch.linalg.vector_norm(p.grad, dtype=torch.promote_types(p.grad.dtype, torch.float32)).reshape(1)
+            for group in self.param_groups
+            for p in group["params"]
+            if p.grad is not None
+        ]
+        return not norms or bool(torch.isfinite(torch.cat([n.to(norms[0]) for n in norms])).all())
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self.nonfinite_grads != "ignore" and not self._grads_finite():
+            if self.nonfinite_grads == "raise":
+                raise FloatingPointError(
+                    "ROOT.step() received a non-finite gradient (inf or NaN); no parameter or state was changed. "
+                    "Lower the learning rate, use gradient clipping or a GradScaler (which skips such steps), or "
+                    "construct ROOT(..., nonfinite_grads='skip') to skip these steps with a warning."
+                )
+            warnings.warn("ROOT skipped a step with a non-finite gradient; nothing was changed.", stacklevel=2)
+            return loss
+        collect = self.collect_diagnostics
+        diag: dict[str, dict[str, list[torch.Tensor]]] = {"root": defaultdict(list), "adamw": defaultdict(list)}
+        for group in self.param_groups:
+            params, grads = [], []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse or torch.is_complex(p):
+                    raise ValueError("ROOT does not support sparse gradients or complex parameters.")
+                params.append(p)
+                grads.append(p.grad)
+            if not params:
+                continue
+            if group["use_root"]:
+                bufs = []
+                for p in params:
+                    state = self.state[p]
+                    if "momentum_buffer" not in state:
+                        state["momentum_buffer"] = torch.zeros_like(
+                            p, dtype=_state_dtype(p), memory_format=torch.contiguous_format
+                        )
+                    bufs.append(state["momentum_buffer"])
+                root(
+                    params,
+                    grads,
+                    bufs,
+                    **{k: group[k] for k in _ROOT_KEYS},
+                    lr=group["lr"],
+                    weight_decay=group["weight_decay"],
+                    diagnostics=diag["root"] if collect else None,
+                )
+            else:
+                exp_avgs, exp_avg_sqs, steps = [], [], []
+                for p in params:
+                    state = self.state[p]
+                    if "step" not in state:
+                        # float32 scalar tensor, as torch.optim.AdamW, so state dicts look the same.
+                        state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                        state["exp_avg"] = torch.zeros_like(p, dtype=_state_dtype(p))
+                        state["exp_avg_sq"] = torch.zeros_like(p, dtype=_state_dtype(p))
+                    exp_avgs.append(state["exp_avg"])
+                    exp_avg_sqs.append(state["exp_avg_sq"])
+                    steps.append(state["step"])
+                beta1, beta2 = group["betas"]
+                adamw(
+                    params,
+                    grads,
+                    exp_avgs,
+                    exp_avg_sqs,
+                    steps,
+                    lr=group["lr"],
+                    beta1=beta1,
+                    beta2=beta2,
+                    eps=group["adamw_eps"],
+                    weight_decay=group["weight_decay"],
+                    diagnostics=diag["adamw"] if collect else None,
+                )
+        if collect:
+            self.last_diagnostics = {
+                f"{branch}/{name}": float(torch.cat([v.float().cpu() for v in values]).mean())
+                for branch, stats in diag.items()
+                for name, values in stats.items()
+            }
+        return loss
