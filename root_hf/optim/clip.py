@@ -18,6 +18,8 @@ gets ``eps = 0`` and stays zero.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 __all__ = ["QUANTILE_SAMPLE_SIZE", "quantile_threshold", "soft_threshold_clip_"]
@@ -54,26 +56,32 @@ def quantile_threshold(u: torch.Tensor, q: float, sample_size: int = QUANTILE_SA
     numel = flat.shape[1]
     if numel > sample_size:
         flat = flat.index_select(1, _sample_indices(numel, sample_size, flat.device))
-    s = flat.abs().sort(dim=1).values
-    n = s.shape[1]
+    a = flat.abs()
+    n = a.shape[1]
+    # Only order statistics at or above floor(q (n - 1)) are ever needed: a top-k of the upper tail is ~5x cheaper than
+    # a full sort. top[:, j] is the ascending order statistic n - 1 - j.
+    base = q * (n - 1)
+    lo_min = math.floor(base)
+    top = a.topk(n - lo_min, dim=1).values
     # Exact zeros sort first; if they reach the quantile, take the quantile over the non-zero tail instead.
-    zeros = (s == 0).sum(dim=1, keepdim=True).to(s.dtype)
-    pos_all = torch.full_like(zeros, q * (n - 1))
-    pos_nonzero = zeros + q * (n - 1 - zeros)
-    pos = torch.where(zeros > pos_all.floor(), pos_nonzero, pos_all).clamp_(0, n - 1)
+    zeros = (a == 0).sum(dim=1, keepdim=True).to(a.dtype)
+    pos = torch.where(zeros > lo_min, zeros + q * (n - 1 - zeros), torch.full_like(zeros, base)).clamp_(0, n - 1)
     lo = pos.floor()
     hi = (lo + 1).clamp_(max=n - 1)
-    below = s.gather(1, lo.long())
-    above = s.gather(1, hi.long())
+    below = top.gather(1, (n - 1 - lo).long())
+    above = top.gather(1, (n - 1 - hi).long())
     return torch.lerp(below, above, pos - lo).squeeze(1)
 
 
-def soft_threshold_clip_(u: torch.Tensor, q: float, sample_size: int = QUANTILE_SAMPLE_SIZE) -> torch.Tensor:
-    """Replace each matrix of the batch ``u`` by its robust part ``B = U - O = clamp(U, -eps, eps)``, in place.
+def soft_threshold_clip_(
+    u: torch.Tensor, q: float, sample_size: int = QUANTILE_SAMPLE_SIZE, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Replace each matrix of the batch ``u`` by its robust part ``B = U - O = clamp(U, -eps, eps)``.
 
-    Returns the per-matrix thresholds ``eps`` (shape ``(batch,)``).
+    Writes into ``out`` (default: ``u`` itself, in place; ``out`` may have another dtype, e.g. the Newton-Schulz one,
+    which saves a separate cast). Returns the per-matrix thresholds ``eps`` (shape ``(batch,)``).
     """
     eps = quantile_threshold(u, q, sample_size)
     bound = eps.view(-1, *([1] * (u.dim() - 1)))
-    torch.clamp(u, min=-bound, max=bound, out=u)
+    torch.clamp(u, min=-bound, max=bound, out=u if out is None else out)
     return eps

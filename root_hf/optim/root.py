@@ -107,21 +107,25 @@ def root(
                 torch.add(g, buf, alpha=momentum, out=u[j])  # U_t = G_t + mu M_t
             else:
                 u[j].copy_(buf)
-        if diagnostics is not None:
-            rms = u.square().mean(dim=(1, 2)).sqrt()
+        ns_dtype_t = resolve_ns_dtype(ns_dtype, device, work_dtype) if ns_steps > 0 else work_dtype
+        # X_0 is built in the Newton-Schulz dtype straight from U: clip (-> B_t), cast, normalize in place.
+        x = u if ns_dtype_t == work_dtype else torch.empty_like(u, dtype=ns_dtype_t)
         if clip_quantile is not None:
+            unclipped = u.clone() if diagnostics is not None and x is u else u
+            thresh = soft_threshold_clip_(u, clip_quantile, out=x)  # B_t = U_t - O_t = clamp(U_t, -eps_t, eps_t)
             if diagnostics is not None:
-                before = u.clone()
-            thresh = soft_threshold_clip_(u, clip_quantile)  # B_t = U_t - O_t = clamp(U_t, -eps_t, eps_t)
-            if diagnostics is not None:
-                diagnostics["clip_fraction"].append((before.abs() > thresh.view(-1, 1, 1)).float().mean(dim=(1, 2)))
+                rms = unclipped.square().mean(dim=(1, 2)).sqrt()
+                fraction = (unclipped.abs() > thresh.view(-1, 1, 1)).float().mean(dim=(1, 2))
+                diagnostics["clip_fraction"].append(fraction)
                 diagnostics["eps_over_rms"].append(thresh / rms.clamp(min=torch.finfo(rms.dtype).tiny))
+        elif x is not u:
+            x.copy_(u)
         if ns_steps > 0:
-            schedule = get_schedule(ns_coefficients, (m, n), ns_steps)
-            x = _normalize(u, eps, resolve_ns_dtype(ns_dtype, device, work_dtype))
-            x = newton_schulz(x, schedule)
-        else:
-            x = u  # orthogonalization off: the update is the (clipped) momentum itself
+            norm_dtype = torch.promote_types(x.dtype, work_dtype)
+            norm = torch.linalg.vector_norm(x, dim=(1, 2), keepdim=True, dtype=norm_dtype)
+            x.div_(norm + eps)  # X_0 = B_t / (||B_t||_F + eps)
+            x = newton_schulz(x, get_schedule(ns_coefficients, (m, n), ns_steps))
+        # else: orthogonalization off, the update is the (clipped) momentum itself
         scale = adjusted_lr_ratio(adjust_lr_fn, (m, n))
         if diagnostics is not None:
             diagnostics["update_rms"].append(lr * scale * x.float().square().mean(dim=(1, 2)).sqrt())
@@ -130,13 +134,7 @@ def root(
             p = params[i]
             if weight_decay != 0:
                 p.mul_(1 - lr * weight_decay)  # decoupled decay with the unscaled lr
-            p.add_(x[j].view_as(p) if x[j].dtype == p.dtype else x[j].to(p.dtype).view_as(p), alpha=-lr * scale)
-
-
-def _normalize(u: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
-    """``X_0 = B / (||B||_F + eps)`` per matrix, with the norm in float32 or wider, cast to the NS dtype."""
-    norm = torch.linalg.vector_norm(u, dim=(1, 2), keepdim=True)
-    return (u / (norm + eps)).to(dtype)
+            p.add_(x[j].view_as(p), alpha=-lr * scale)  # mixed dtypes promote inside the in-place add
 
 
 def _ortho_error(x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,97 @@
+"""Properties of Newton-Schulz orthogonalization (root_hf/optim/orthogonalize.py)."""
+
+import pytest
+import torch
+
+from root_hf import orthogonalize
+from root_hf.optim.coefficients import MUON_COEFFICIENTS, composed_polynomial, get_schedule, schedule_band
+from root_hf.optim.orthogonalize import resolve_ns_dtype
+from tests.utils import matrix_with_singular_values
+
+
+@pytest.mark.parametrize("shape", [(16, 64), (64, 16), (32, 32)])
+@pytest.mark.parametrize("schedule", ["muon", "root-paper-safe", [(3.0, -3.2, 1.2)] * 5])
+def test_output_singular_values_are_the_composed_polynomial_of_the_input_ones(shape, schedule):
+    m, n = shape
+    s = torch.logspace(-2, 0, min(m, n), dtype=torch.float64)
+    G = matrix_with_singular_values(m, n, s)
+    X = orthogonalize(G, ns_coefficients=schedule, ns_steps=5, eps=0.0)
+    expected = composed_polynomial(get_schedule(schedule, shape, 5), s / s.norm())
+    got = torch.linalg.svdvals(X)
+    torch.testing.assert_close(got.sort().values, expected.sort().values, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(8, 200), (200, 8), (64, 64), (48, 96)])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_output_singular_values_stay_within_the_schedule_band(shape, dtype):
+    G = torch.randn(4, *shape)
+    X = orthogonalize(G, ns_coefficients="muon", ns_dtype=dtype, out_dtype=torch.float64)
+    hi = schedule_band(get_schedule("muon", shape, 5))[1]
+    slack = 0.02 if dtype == "bfloat16" else 1e-4  # bf16 rounding of the iterates
+    assert torch.linalg.svdvals(X).max() <= hi + slack
+
+
+def test_muon_band_is_the_documented_one():
+    """SPEC section 2: Muon's outputs end in [0.68, 1.20]; its peak 1.2024 is at a tiny input (x ~ 0.004)."""
+    lo = schedule_band((MUON_COEFFICIENTS,) * 5, x_min=0.05)[0]
+    hi = schedule_band((MUON_COEFFICIENTS,) * 5)[1]
+    assert 0.68 < lo < 0.69 and 1.20 < hi < 1.21
+
+
+def test_batched_call_equals_one_matrix_at_a_time():
+    G = torch.randn(3, 2, 24, 40, dtype=torch.float64)
+    X = orthogonalize(G)
+    for idx in [(0, 0), (1, 1), (2, 0)]:
+        torch.testing.assert_close(X[idx], orthogonalize(G[idx]), rtol=1e-12, atol=1e-13)
+
+
+def test_tall_input_gives_the_transpose_of_the_wide_result():
+    G = torch.randn(24, 40, dtype=torch.float64)
+    torch.testing.assert_close(orthogonalize(G.T), orthogonalize(G).T, rtol=1e-12, atol=1e-13)
+
+
+def test_zero_matrix_orthogonalizes_to_zero():
+    X = orthogonalize(torch.zeros(2, 5, 7))
+    assert torch.equal(X, torch.zeros(2, 5, 7))
+
+
+def test_scale_invariance():
+    G = torch.randn(16, 48, dtype=torch.float64)
+    torch.testing.assert_close(orthogonalize(G, eps=0.0), orthogonalize(1e4 * G, eps=0.0))
+
+
+def test_output_dtype_defaults_to_input_dtype():
+    G = torch.randn(8, 12, dtype=torch.bfloat16)
+    assert orthogonalize(G).dtype == torch.bfloat16
+    assert orthogonalize(G, out_dtype=torch.float32).dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    "ns_dtype,device,expected",
+    [
+        ("auto", "cpu", torch.float32),
+        ("auto", "cuda", torch.bfloat16),
+        ("bfloat16", "cpu", torch.bfloat16),
+        (torch.float16, "cpu", torch.float16),
+    ],
+)
+def test_ns_dtype_resolution(ns_dtype, device, expected):
+    assert resolve_ns_dtype(ns_dtype, torch.device(device)) == expected
+
+
+def test_auto_ns_dtype_keeps_float64_input_in_float64():
+    assert resolve_ns_dtype("auto", torch.device("cpu"), torch.float64) == torch.float64
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda: orthogonalize(torch.randn(5)), "at least 2 dims"),
+        (lambda: orthogonalize(torch.randn(3, 3), ns_dtype="int8"), "ns_dtype"),
+        (lambda: orthogonalize(torch.randn(3, 3), ns_coefficients="bogus"), "ns_coefficients"),
+        (lambda: orthogonalize(torch.randn(3, 3), ns_steps=-2), "ns_steps"),
+    ],
+)
+def test_invalid_input_raises_value_error(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()

@@ -1,0 +1,392 @@
+"""Properties of the fast ROOT optimizer (root_hf/optim/root.py)."""
+
+import copy
+import io
+import math
+
+import pytest
+import torch
+
+from root_hf import ROOT, RootReference
+from root_hf.optim.root import adjusted_lr_ratio
+from tests.utils import assert_equal, clone_params
+
+SHAPES = {
+    "wide": [(6, 20)],
+    "tall": [(20, 6)],
+    "square": [(12, 12)],
+    "conv": [(8, 3, 3, 3)],
+    "same_shape_batch": [(10, 16), (10, 16), (10, 16)],
+    "mixed_with_vector": [(10, 16), (16, 10), (7,)],
+}
+
+
+def _random_params(shapes, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=g, dtype=dtype)) for s in shapes]
+
+
+def _run(opt_a, params_a, opt_b, params_b, steps, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        for pa, pb in zip(params_a, params_b, strict=True):
+            grad = torch.randn(pa.shape, generator=g, dtype=pa.dtype)
+            pa.grad = grad.clone()
+            pb.grad = grad.clone()
+        opt_a.step()
+        opt_b.step()
+
+
+@pytest.mark.parametrize("shapes", list(SHAPES.values()), ids=list(SHAPES))
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"nesterov": False, "clip_quantile": 0.8},
+        {"clip_quantile": None, "ns_coefficients": "muon", "adjust_lr_fn": "original"},
+        {"ns_coefficients": [(3.0, -3.2, 1.2), (3.4445, -4.775, 2.0315)], "ns_steps": 2, "adjust_lr_fn": None},
+    ],
+    ids=["defaults", "no_nesterov_q80", "muon_like", "per_step_schedule"],
+)
+def test_fast_path_matches_reference_in_float64(shapes, kwargs):
+    params = _random_params(shapes)
+    ref_params = clone_params(params)
+    opt = ROOT(params, lr=0.02, weight_decay=0.1, **kwargs)
+    ref = RootReference(ref_params, lr=0.02, weight_decay=0.1, **kwargs)
+    _run(opt, params, ref, ref_params, steps=8)
+    for p, r in zip(params, ref_params, strict=True):
+        torch.testing.assert_close(p, r, rtol=1e-10, atol=1e-12)
+
+
+def test_degenerate_root_branch_equals_sgd_bitwise():
+    """No momentum, no clipping, no orthogonalization, no lr scaling: ROOT's matrix branch is plain SGD."""
+    params = _random_params([(8, 5), (3, 4, 2)], dtype=torch.float32)
+    sgd_params = clone_params(params)
+    opt = ROOT(params, lr=0.1, weight_decay=0.0, momentum=0.0, clip_quantile=None, ns_steps=0, adjust_lr_fn=None)
+    sgd = torch.optim.SGD(sgd_params, lr=0.1)
+    _run(opt, params, sgd, sgd_params, steps=5)
+    for p, s in zip(params, sgd_params, strict=True):
+        assert_equal(p, s)
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_adamw_branch_equals_torch_adamw_bitwise(weight_decay):
+    params = _random_params([(8, 5), (7,), ()], dtype=torch.float32)
+    ref_params = clone_params(params)
+    opt = ROOT([{"params": params, "use_root": False}], lr=1e-2, weight_decay=weight_decay, betas=(0.9, 0.95))
+    adamw = torch.optim.AdamW(ref_params, lr=1e-2, weight_decay=weight_decay, betas=(0.9, 0.95), foreach=False)
+    _run(opt, params, adamw, ref_params, steps=6)
+    for p, r in zip(params, ref_params, strict=True):
+        assert_equal(p, r)
+    for p, r in zip(params, ref_params, strict=True):
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert_equal(opt.state[p][key], adamw.state[r][key])
+
+
+def test_params_are_split_by_ndim_without_explicit_groups():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Conv1d(8, 2, 3))
+    opt = ROOT(model.parameters())
+    by_flag = {g["use_root"]: [tuple(p.shape) for p in g["params"]] for g in opt.param_groups}
+    assert by_flag[True] == [(8, 4), (2, 8, 3)]
+    assert by_flag[False] == [(8,), (8,), (8,), (2,)]
+
+
+def test_group_hyperparameters_override_defaults():
+    w, b = _random_params([(4, 6), (4,)])
+    opt = ROOT([{"params": [w]}, {"params": [b], "lr": 0.5}], lr=0.1)
+    assert [g["lr"] for g in opt.param_groups] == [0.1, 0.5]
+
+
+def test_named_parameters_are_accepted():
+    model = torch.nn.Linear(5, 3)
+    opt = ROOT(model.named_parameters())
+    names = {g["use_root"]: g["param_names"] for g in opt.param_groups}
+    assert names == {True: ["weight"], False: ["bias"]}
+
+
+def test_explicit_embedding_group_takes_adamw_branch():
+    emb = torch.nn.Embedding(10, 4)
+    opt = ROOT([{"params": emb.parameters(), "use_root": False}])
+    emb(torch.tensor([1, 2])).sum().backward()
+    opt.step()
+    assert set(opt.state[emb.weight]) == {"step", "exp_avg", "exp_avg_sq"}
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_zero_grads_with_zero_lr_change_nothing(weight_decay):
+    """DCP's optimizer-state init step: zero grads, lr 0. Nothing may change and no NaN may appear."""
+    params = _random_params([(6, 4), (6, 4), (5,)], dtype=torch.float32)
+    before = [p.detach().clone() for p in params]
+    opt = ROOT(params, lr=0.0, weight_decay=weight_decay)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    for p, b in zip(params, before, strict=True):
+        assert_equal(p, b)
+    for state in opt.state.values():
+        for value in state.values():
+            assert torch.isfinite(value).all()
+
+
+def test_all_zero_grads_leave_params_unchanged_and_finite():
+    """LoRA B = 0 at init makes grad(A) exactly 0: NS must return 0, not NaN."""
+    params = _random_params([(8, 32), (32, 8), (4,)], dtype=torch.float32)
+    before = [p.detach().clone() for p in params]
+    opt = ROOT(params, lr=0.1, weight_decay=0.0)
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        opt.step()
+    for p, b in zip(params, before, strict=True):
+        assert_equal(p, b)
+
+
+def test_params_without_grad_are_untouched_and_get_no_state():
+    a, b = _random_params([(4, 6), (4, 6)], dtype=torch.float32)
+    b_before = b.detach().clone()
+    opt = ROOT([a, b], lr=0.1)
+    a.grad = torch.randn_like(a)
+    opt.step()
+    assert_equal(b, b_before)
+    assert b not in opt.state
+
+
+def test_flat_param_in_root_group_raises_at_construction():
+    flat = torch.nn.Parameter(torch.randn(24))
+    with pytest.raises(ValueError, match="FSDP1.*DeepSpeed ZeRO"):
+        ROOT([{"params": [flat], "use_root": True}])
+
+
+def test_flattened_param_swapped_in_after_construction_raises_at_step():
+    """What FSDP1 / ZeRO do: the optimizer was built on matrices, then receives flat 1-D shards."""
+    w = torch.nn.Parameter(torch.randn(4, 6))
+    opt = ROOT([w])
+    flat = torch.nn.Parameter(w.detach().reshape(-1).clone())
+    flat.grad = torch.randn_like(flat)
+    opt.param_groups[0]["params"][0] = flat
+    with pytest.raises(ValueError, match="flattened"):
+        opt.step()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_grad_raises_and_changes_nothing(bad):
+    params = _random_params([(6, 4), (5,)], dtype=torch.float32)
+    before = [p.detach().clone() for p in params]
+    opt = ROOT(params, lr=0.1)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    params[1].grad[2] = bad
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        opt.step()
+    for p, b in zip(params, before, strict=True):
+        assert_equal(p, b)
+    assert len(opt.state) == 0
+
+
+def test_nonfinite_grad_skip_mode_skips_the_step_with_a_warning():
+    params = _random_params([(6, 4)], dtype=torch.float32)
+    before = params[0].detach().clone()
+    opt = ROOT(params, lr=0.1, nonfinite_grads="skip")
+    params[0].grad = torch.full_like(params[0], float("nan"))
+    with pytest.warns(UserWarning, match="skipped"):
+        opt.step()
+    assert_equal(params[0], before)
+
+
+def test_sparse_momentum_clip_keeps_the_nonzero_signal():
+    """With 95% exact zeros the 0.90 quantile of |U| is 0; the threshold then comes from the non-zero entries."""
+    w = torch.nn.Parameter(torch.zeros(40, 50, dtype=torch.float64))
+    grad = torch.zeros_like(w)
+    idx = torch.randperm(w.numel())[: w.numel() // 20]
+    grad.view(-1)[idx] = torch.randn(len(idx), dtype=torch.float64)
+    ref_w = torch.nn.Parameter(w.detach().clone())
+    opt = ROOT([w], lr=0.1, weight_decay=0.0, momentum=0.0, ns_steps=0, adjust_lr_fn=None)
+    ref = RootReference([ref_w], lr=0.1, weight_decay=0.0, momentum=0.0, ns_steps=0, adjust_lr_fn=None)
+    w.grad, ref_w.grad = grad.clone(), grad.clone()
+    opt.step()
+    ref.step()
+    eps = torch.quantile(grad.abs()[grad != 0], 0.9)
+    torch.testing.assert_close(w, -0.1 * grad.clamp(-eps, eps))
+    torch.testing.assert_close(w, ref_w)
+    assert (w != 0).sum() == len(idx)
+
+
+INVALID = [
+    ({"lr": -1.0}, "lr"),
+    ({"lr": float("nan")}, "lr"),
+    ({"weight_decay": -0.1}, "weight_decay"),
+    ({"momentum": 1.0}, "momentum"),
+    ({"momentum": -0.5}, "momentum"),
+    ({"nesterov": "yes"}, "nesterov"),
+    ({"clip_quantile": 0.0}, "clip_quantile"),
+    ({"clip_quantile": 1.5}, "clip_quantile"),
+    ({"ns_steps": -1}, "ns_steps"),
+    ({"ns_steps": 2.5}, "ns_steps"),
+    ({"ns_coefficients": "polar"}, "ns_coefficients"),
+    ({"ns_coefficients": (1.0, 2.0)}, "coefficients"),
+    ({"ns_coefficients": [(3.0, -3.0, 1.0)] * 3, "ns_steps": 5}, "ns_steps"),
+    ({"adjust_lr_fn": "rms"}, "adjust_lr_fn"),
+    ({"ns_dtype": "int8"}, "ns_dtype"),
+    ({"betas": (0.9, 1.0)}, "betas"),
+    ({"adamw_eps": -1e-8}, "adamw_eps"),
+    ({"nonfinite_grads": "warn"}, "nonfinite_grads"),
+]
+
+
+@pytest.mark.parametrize("kwargs,name", INVALID, ids=[name for _, name in INVALID])
+def test_invalid_hyperparameters_raise_value_error_naming_the_value(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        ROOT([torch.nn.Parameter(torch.randn(3, 3))], **kwargs)
+
+
+def test_invalid_group_hyperparameter_raises():
+    w = torch.nn.Parameter(torch.randn(3, 3))
+    with pytest.raises(ValueError, match="clip_quantile"):
+        ROOT([{"params": [w], "clip_quantile": 2.0}])
+
+
+def _roundtrip(state_dict):
+    buffer = io.BytesIO()
+    torch.save(state_dict, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def test_resume_from_state_dict_is_bitwise_identical():
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 4))
+    data = torch.randn(6, 8, 16)
+    opt = ROOT(model.parameters(), lr=0.01)
+
+    def train(m, o, batches):
+        for x in batches:
+            o.zero_grad()
+            m(x).square().mean().backward()
+            o.step()
+
+    train(model, opt, data[:3])
+    resumed = copy.deepcopy(model)
+    resumed_opt = ROOT(resumed.parameters(), lr=0.01)
+    resumed_opt.load_state_dict(_roundtrip(opt.state_dict()))
+    train(model, opt, data[3:])
+    train(resumed, resumed_opt, data[3:])
+    for p, r in zip(model.parameters(), resumed.parameters(), strict=True):
+        assert_equal(p, r)
+
+
+def test_half_precision_params_keep_float32_state_after_load_state_dict():
+    params = _random_params([(8, 6), (6,)], dtype=torch.bfloat16)
+    opt = ROOT(params, lr=0.01)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    saved = _roundtrip(opt.state_dict())
+    momentum = saved["state"][0]["momentum_buffer"].clone()
+    assert momentum.dtype == torch.float32
+    fresh = ROOT(params, lr=0.01)
+    fresh.load_state_dict(saved)
+    assert fresh.state[params[0]]["momentum_buffer"].dtype == torch.float32
+    assert_equal(fresh.state[params[0]]["momentum_buffer"], momentum)
+    assert fresh.state[params[1]]["exp_avg"].dtype == torch.float32
+
+
+def test_bfloat16_params_train_with_float32_momentum():
+    params = _random_params([(16, 24)], dtype=torch.bfloat16)
+    before = params[0].detach().clone()
+    opt = ROOT(params, lr=0.01, ns_dtype="bfloat16")
+    params[0].grad = torch.randn_like(params[0])
+    opt.step()
+    assert opt.state[params[0]]["momentum_buffer"].dtype == torch.float32
+    assert params[0].dtype == torch.bfloat16
+    assert torch.isfinite(params[0]).all() and not torch.equal(params[0], before)
+
+
+def test_same_shape_matrices_batched_equal_one_at_a_time():
+    params = _random_params([(12, 20)] * 3, dtype=torch.float64)
+    single = clone_params(params)
+    opt = ROOT(params, lr=0.05)
+    opts = [ROOT([p], lr=0.05) for p in single]
+    g = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        for p, s, o in zip(params, single, opts, strict=True):
+            p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype)
+            s.grad = p.grad.clone()
+        opt.step()
+        for o in opts:
+            o.step()
+    for p, s in zip(params, single, strict=True):
+        torch.testing.assert_close(p, s, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize(
+    "fn,shape,expected",
+    [
+        ("match_rms_adamw", (576, 1536), 0.2 * math.sqrt(1536)),
+        ("original", (1536, 576), math.sqrt(1536 / 576)),
+        ("original", (576, 1536), 1.0),
+        (None, (576, 1536), 1.0),
+        ("match_rms_adamw", (8, 3, 3, 3), 0.2 * math.sqrt(27)),
+    ],
+)
+def test_adjusted_lr_ratio_follows_the_documented_rules(fn, shape, expected):
+    assert adjusted_lr_ratio(fn, shape) == pytest.approx(expected)
+
+
+def test_update_has_matched_rms_scale():
+    """With match_rms_adamw the update RMS is about 0.2 * lr (Moonlight): the lr carries over from AdamW."""
+    w = torch.nn.Parameter(torch.zeros(64, 256, dtype=torch.float64))
+    opt = ROOT([w], lr=1.0, weight_decay=0.0, ns_coefficients="muon")
+    w.grad = torch.randn_like(w)
+    opt.step()
+    rms = w.square().mean().sqrt().item()
+    assert 0.15 < rms < 0.21
+
+
+def test_diagnostics_are_collected_only_when_requested():
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 4))
+    opt = ROOT(model.parameters(), lr=0.01)
+    model(torch.randn(8, 16)).square().mean().backward()
+    opt.step()
+    assert opt.last_diagnostics == {}
+    opt.collect_diagnostics = True
+    opt.step()
+    d = opt.last_diagnostics
+    assert set(d) == {
+        "root/clip_fraction",
+        "root/eps_over_rms",
+        "root/update_rms",
+        "root/ortho_error",
+        "adamw/update_rms",
+    }
+    # The 0.90 quantile clips about 10% of the entries.
+    assert 0.05 < d["root/clip_fraction"] <= 0.11
+    assert all(math.isfinite(v) for v in d.values())
+
+
+def test_trains_a_small_regression_model():
+    torch.manual_seed(0)
+    x = torch.randn(256, 16)
+    y = x @ torch.randn(16, 4) + 0.01 * torch.randn(256, 4)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.Tanh(), torch.nn.Linear(64, 4))
+    opt = ROOT(model.parameters(), lr=0.02, weight_decay=0.0)
+    losses = []
+    for _ in range(60):
+        opt.zero_grad()
+        loss = (model(x) - y).square().mean()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.1 * losses[0]
+
+
+def test_closure_is_evaluated_and_its_loss_returned():
+    w = torch.nn.Parameter(torch.randn(4, 4))
+    opt = ROOT([w])
+
+    def closure():
+        opt.zero_grad()
+        loss = w.square().sum()
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert torch.is_tensor(loss) and w.grad is not None
