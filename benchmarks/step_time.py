@@ -17,8 +17,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import SMOLLM2_135M, llama_hidden_shapes, machine_info, median_time  # noqa: E402
-from root_hf import ROOT  # noqa: E402
+from benchmarks.common import SMOLLM2_135M, llama_hidden_shapes, machine_info, median_time
+from root_hf import ROOT
 
 
 def make_params(layers: int, seed: int = 0) -> list[torch.nn.Parameter]:
@@ -43,8 +43,10 @@ def main() -> None:
     params = make_params(args.layers)
     n_params = sum(p.numel() for p in params)
     print(machine_info())
-    print(f"config: {args.layers} layers of SmolLM2-135M hidden matrices, {len(params)} tensors, {n_params / 1e6:.1f}M "
-          f"params, median of {args.steps} steps after 2 warm-up steps")
+    print(
+        f"config: {args.layers} layers of SmolLM2-135M hidden matrices, {len(params)} tensors, "
+        f"{n_params / 1e6:.1f}M params, median of {args.steps} steps after 2 warm-up steps"
+    )
 
     optimizers = {
         "AdamW (foreach)": lambda: torch.optim.AdamW(params, lr=1e-3, foreach=True),

@@ -153,7 +153,7 @@ def test_params_without_grad_are_untouched_and_get_no_state():
 
 def test_flat_param_in_root_group_raises_at_construction():
     flat = torch.nn.Parameter(torch.randn(24))
-    with pytest.raises(ValueError, match="FSDP1.*DeepSpeed ZeRO"):
+    with pytest.raises(ValueError, match=r"FSDP1.*DeepSpeed ZeRO"):
         ROOT([{"params": [flat], "use_root": True}])
 
 
@@ -307,7 +307,7 @@ def test_same_shape_matrices_batched_equal_one_at_a_time():
     opts = [ROOT([p], lr=0.05) for p in single]
     g = torch.Generator().manual_seed(3)
     for _ in range(3):
-        for p, s, o in zip(params, single, opts, strict=True):
+        for p, s in zip(params, single, strict=True):
             p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype)
             s.grad = p.grad.clone()
         opt.step()
