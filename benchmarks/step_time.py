@@ -1,6 +1,6 @@
 """Optimizer step time on the hidden matrices of a SmolLM2-135M-shaped model: ROOT vs torch.optim.Muon vs AdamW.
 
-Usage:  python benchmarks/step_time.py [--layers 6] [--steps 5] [--threads 2]
+Usage:  python benchmarks/step_time.py [--layers 6] [--steps 5] [--threads 2] [--device cpu|cuda]
 
 Prints the median step time of each optimizer (grads are fixed random tensors, so only the optimizer is timed), the
 ratio ROOT / torch Muon at equal Newton-Schulz dtype (torch.optim.Muon always iterates in bfloat16), and the share of
@@ -21,15 +21,26 @@ from benchmarks.common import SMOLLM2_135M, llama_hidden_shapes, machine_info, m
 from root_hf import ROOT
 
 
-def make_params(layers: int, seed: int = 0) -> list[torch.nn.Parameter]:
+def make_params(layers: int, device: str = "cpu", seed: int = 0) -> list[torch.nn.Parameter]:
     g = torch.Generator().manual_seed(seed)
     params = []
     for _ in range(layers):
         for shape in llama_hidden_shapes(**SMOLLM2_135M):
-            p = torch.nn.Parameter(torch.randn(shape, generator=g) * 0.02)
-            p.grad = torch.randn(shape, generator=g) * 1e-3
+            p = torch.nn.Parameter((torch.randn(shape, generator=g) * 0.02).to(device))
+            p.grad = (torch.randn(shape, generator=g) * 1e-3).to(device)
             params.append(p)
     return params
+
+
+def synchronized(step, device: str):
+    """Time a step including the device work it queued."""
+
+    def run():
+        step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    return run
 
 
 def main() -> None:
@@ -37,12 +48,17 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=6, help="decoder layers (SmolLM2-135M has 30)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per optimizer (median reported)")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where params and grads live")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    params = make_params(args.layers)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda needs a CUDA GPU; none is visible to torch")
+    params = make_params(args.layers, args.device)
     n_params = sum(p.numel() for p in params)
     print(machine_info())
+    if args.device == "cuda":
+        print(f"device: {torch.cuda.get_device_name()}")
     print(
         f"config: {args.layers} layers of SmolLM2-135M hidden matrices, {len(params)} tensors, "
         f"{n_params / 1e6:.1f}M params, median of {args.steps} steps after 2 warm-up steps"
@@ -59,7 +75,7 @@ def main() -> None:
     times = {}
     for name, build in optimizers.items():
         opt = build()
-        times[name] = median_time(opt.step, args.steps)
+        times[name] = median_time(synchronized(opt.step, args.device), args.steps)
         print(f"  {name:<30} {times[name] * 1e3:9.1f} ms/step")
 
     muon = times["torch.optim.Muon (bf16 NS)"]

@@ -7,6 +7,7 @@ tensor code. :class:`root_hf.RootReference` is the slow, line-by-line specificat
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections import defaultdict
@@ -16,6 +17,7 @@ from typing import Any, Literal
 import torch
 from torch.optim.optimizer import Optimizer, ParamsT
 
+from ..distributed import assign_owners, local_tensor, plan_for, shape_2d
 from .clip import soft_threshold_clip_
 from .coefficients import DEFAULT_SCHEDULE, ScheduleSpec, get_schedule, normalize_schedule_spec
 from .orthogonalize import NsDtype, newton_schulz, resolve_ns_dtype
@@ -83,58 +85,168 @@ def root(
     adjust_lr_fn: AdjustLrFn,
     ns_dtype: NsDtype,
     diagnostics: dict[str, list[torch.Tensor]] | None = None,
+    process_group: Any = "auto",
 ) -> None:
     r"""One ROOT step on matrix params (functional API; see :class:`ROOT` for the algorithm).
 
-    Params are grouped by the shape of their 2-D view ``(shape[0], -1)`` and device; each group is clipped and
-    orthogonalized in one batched call. If ``diagnostics`` is a dict, per-matrix statistics are appended to it
-    (``clip_fraction``, ``eps_over_rms``, ``update_rms``, ``ortho_error``); this costs one extra Gram matrix per group.
+    Matrices are grouped by the shape of their 2-D view ``(shape[0], -1)``; each group is clipped and orthogonalized in
+    one batched call. Under DDP (``process_group``, default: the initialized default group) and FSDP2 (``DTensor``
+    params) each matrix is clipped and orthogonalized by one owner rank only (see :mod:`root_hf.distributed`). If
+    ``diagnostics`` is a dict, per-matrix statistics are appended to it (``clip_fraction``, ``eps_over_rms``,
+    ``update_rms``, ``ortho_error``); this costs one extra Gram matrix per group.
     """
-    buckets: dict[tuple[tuple[int, int], torch.device], list[int]] = defaultdict(list)
-    for i, p in enumerate(params):
+    for p in params:
         if p.dim() < 2:
             raise _flat_param_error(tuple(p.shape))
-        buckets[((p.shape[0], p[0].numel()), p.device)].append(i)
-    for ((m, n), device), idx in buckets.items():
-        work_dtype = momentum_buffers[idx[0]].dtype
-        # U_t for every matrix of the bucket, written straight into one (batch, m, n) buffer.
-        u = torch.empty((len(idx), m, n), dtype=work_dtype, device=device)
-        for j, i in enumerate(idx):
-            g = grads[i].reshape(m, n)
-            buf = momentum_buffers[i].view(m, n)
-            buf.mul_(momentum).add_(g)  # M_t = mu M_{t-1} + G_t
-            if nesterov:
-                torch.add(g, buf, alpha=momentum, out=u[j])  # U_t = G_t + mu M_t
-            else:
-                u[j].copy_(buf)
-        ns_dtype_t = resolve_ns_dtype(ns_dtype, device, work_dtype) if ns_steps > 0 else work_dtype
-        # X_0 is built in the Newton-Schulz dtype straight from U: clip (-> B_t), cast, normalize in place.
-        x = u if ns_dtype_t == work_dtype else torch.empty_like(u, dtype=ns_dtype_t)
-        if clip_quantile is not None:
-            unclipped = u.clone() if diagnostics is not None and x is u else u
-            thresh = soft_threshold_clip_(u, clip_quantile, out=x)  # B_t = U_t - O_t = clamp(U_t, -eps_t, eps_t)
-            if diagnostics is not None:
-                rms = unclipped.square().mean(dim=(1, 2)).sqrt()
-                fraction = (unclipped.abs() > thresh.view(-1, 1, 1)).float().mean(dim=(1, 2))
-                diagnostics["clip_fraction"].append(fraction)
-                diagnostics["eps_over_rms"].append(thresh / rms.clamp(min=torch.finfo(rms.dtype).tiny))
-        elif x is not u:
-            x.copy_(u)
-        if ns_steps > 0:
-            norm_dtype = torch.promote_types(x.dtype, work_dtype)
-            norm = torch.linalg.vector_norm(x, dim=(1, 2), keepdim=True, dtype=norm_dtype)
-            x.div_(norm + eps)  # X_0 = B_t / (||B_t||_F + eps)
-            x = newton_schulz(x, get_schedule(ns_coefficients, (m, n), ns_steps))
-        # else: orthogonalization off, the update is the (clipped) momentum itself
-        scale = adjusted_lr_ratio(adjust_lr_fn, (m, n))
-        if diagnostics is not None:
-            diagnostics["update_rms"].append(lr * scale * x.float().square().mean(dim=(1, 2)).sqrt())
-            diagnostics["ortho_error"].append(_ortho_error(x))
-        for j, i in enumerate(idx):
-            p = params[i]
+    plan = plan_for(params, process_group)
+    ortho = functools.partial(
+        _orthogonalize_batch,
+        clip_quantile=clip_quantile,
+        ns_steps=ns_steps,
+        ns_coefficients=ns_coefficients,
+        eps=eps,
+        ns_dtype=ns_dtype,
+        lr=lr,
+        adjust_lr_fn=adjust_lr_fn,
+        diagnostics=diagnostics,
+    )
+    # Partition by (work dtype, device) so that every collective below moves a single dtype.
+    partitions: dict[tuple[torch.dtype, torch.device], list[int]] = defaultdict(list)
+    for i, buf in enumerate(momentum_buffers):
+        partitions[(buf.dtype, buf.device)].append(i)
+    for (work_dtype, device), idx in partitions.items():
+        shapes = [shape_2d(params[i]) for i in idx]
+        p_loc = [local_tensor(params[i]) for i in idx]
+        g_loc = [local_tensor(grads[i]) for i in idx]
+        b_loc = [local_tensor(momentum_buffers[i]) for i in idx]
+        if plan.mode == "single":
+            updates = _orthogonalized_updates_single(g_loc, b_loc, shapes, momentum, nesterov, ortho, work_dtype)
+        elif plan.mode == "ddp":
+            owners = assign_owners(shapes, plan.world_size)
+            u = {}
+            for j, (g, buf) in enumerate(zip(g_loc, b_loc, strict=True)):
+                if owners[j] == plan.rank:
+                    u[j] = _momentum_direction_(g.reshape(shapes[j]), buf.view(shapes[j]), momentum, nesterov)
+                else:
+                    buf.mul_(momentum).add_(g)  # momentum stays replicated; U_t is only needed by the owner
+            results = _orthogonalize_owned(u, shapes, ortho)
+            comm_dtype = _out_dtype(ns_steps, ns_dtype, device, work_dtype)
+            updates = plan.all_gather_results(shapes, owners, results, comm_dtype, device)
+        else:  # fsdp2: local row shards -> owners -> local row shards
+            owners = assign_owners(shapes, plan.world_size)
+            widths = [n for _, n in shapes]
+            local_u = [
+                _momentum_direction_(g.reshape(buf.shape[0], n), buf.view(buf.shape[0], n), momentum, nesterov)
+                for g, buf, n in zip(g_loc, b_loc, widths, strict=True)
+            ]
+            counts = plan.row_counts([t.shape[0] for t in local_u], device)
+            full_u = plan.gather_to_owners(local_u, widths, owners, counts)
+            results = _orthogonalize_owned(full_u, shapes, ortho)
+            comm_dtype = _out_dtype(ns_steps, ns_dtype, device, work_dtype)
+            updates = plan.scatter_from_owners(results, widths, owners, counts, comm_dtype, device)
+        for p, x, shape in zip(p_loc, updates, shapes, strict=True):
             if weight_decay != 0:
                 p.mul_(1 - lr * weight_decay)  # decoupled decay with the unscaled lr
-            p.add_(x[j].view_as(p), alpha=-lr * scale)  # mixed dtypes promote inside the in-place add
+            # mixed dtypes promote inside the in-place add; the scale uses the global (unsharded) shape
+            p.add_(x.view_as(p), alpha=-lr * adjusted_lr_ratio(adjust_lr_fn, shape))
+
+
+def _momentum_direction_(g: torch.Tensor, buf: torch.Tensor, momentum: float, nesterov: bool) -> torch.Tensor:
+    """Update ``buf`` in place to ``M_t = mu M_{t-1} + G_t``; return ``U_t`` (a new tensor, or ``buf`` itself)."""
+    buf.mul_(momentum).add_(g)
+    return torch.add(g, buf, alpha=momentum) if nesterov else buf  # U_t = G_t + mu M_t
+
+
+def _out_dtype(ns_steps: int, ns_dtype: NsDtype, device: torch.device, work_dtype: torch.dtype) -> torch.dtype:
+    return resolve_ns_dtype(ns_dtype, device, work_dtype) if ns_steps > 0 else work_dtype
+
+
+def _orthogonalized_updates_single(
+    g_loc: list[torch.Tensor],
+    b_loc: list[torch.Tensor],
+    shapes: list[tuple[int, int]],
+    momentum: float,
+    nesterov: bool,
+    ortho: Callable[..., torch.Tensor],
+    work_dtype: torch.dtype,
+) -> list[torch.Tensor]:
+    """Single process: ``U_t`` of each same-shape bucket is written straight into one ``(batch, m, n)`` buffer."""
+    buckets: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for j, shape in enumerate(shapes):
+        buckets[shape].append(j)
+    updates: list[torch.Tensor] = [None] * len(shapes)  # type: ignore[list-item]
+    for (m, n), idx in buckets.items():
+        u = torch.empty((len(idx), m, n), dtype=work_dtype, device=b_loc[idx[0]].device)
+        for k, j in enumerate(idx):
+            g, buf = g_loc[j].reshape(m, n), b_loc[j].view(m, n)
+            buf.mul_(momentum).add_(g)  # M_t = mu M_{t-1} + G_t
+            if nesterov:
+                torch.add(g, buf, alpha=momentum, out=u[k])  # U_t = G_t + mu M_t
+            else:
+                u[k].copy_(buf)
+        x = ortho(u)
+        for k, j in enumerate(idx):
+            updates[j] = x[k]
+    return updates
+
+
+def _orthogonalize_owned(
+    u: dict[int, torch.Tensor], shapes: list[tuple[int, int]], ortho: Callable[..., torch.Tensor]
+) -> dict[int, torch.Tensor]:
+    """Clip and orthogonalize the full matrices this rank owns, batched by shape."""
+    buckets: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for j in sorted(u):
+        buckets[shapes[j]].append(j)
+    results = {}
+    for idx in buckets.values():
+        x = ortho(torch.stack([u[j] for j in idx]))
+        for k, j in enumerate(idx):
+            results[j] = x[k]
+    return results
+
+
+def _orthogonalize_batch(
+    u: torch.Tensor,
+    *,
+    clip_quantile: float | None,
+    ns_steps: int,
+    ns_coefficients: ScheduleSpec,
+    eps: float,
+    ns_dtype: NsDtype,
+    lr: float,
+    adjust_lr_fn: AdjustLrFn,
+    diagnostics: dict[str, list[torch.Tensor]] | None,
+) -> torch.Tensor:
+    """``U_t`` (batch, m, n) -> ``X_K``: clip (-> ``B_t``), cast to the NS dtype, normalize, Newton-Schulz.
+
+    ``u`` may be overwritten. Returns the batch in the NS dtype (the work dtype when ``ns_steps == 0``).
+    """
+    work_dtype = u.dtype
+    m, n = u.shape[-2:]
+    x = u if _out_dtype(ns_steps, ns_dtype, u.device, work_dtype) == work_dtype else None
+    if x is None:
+        x = torch.empty_like(u, dtype=_out_dtype(ns_steps, ns_dtype, u.device, work_dtype))
+    if clip_quantile is not None:
+        unclipped = u.clone() if diagnostics is not None and x is u else u
+        thresh = soft_threshold_clip_(u, clip_quantile, out=x)  # B_t = U_t - O_t = clamp(U_t, -eps_t, eps_t)
+        if diagnostics is not None:
+            rms = unclipped.square().mean(dim=(1, 2)).sqrt()
+            fraction = (unclipped.abs() > thresh.view(-1, 1, 1)).float().mean(dim=(1, 2))
+            diagnostics["clip_fraction"].append(fraction)
+            diagnostics["eps_over_rms"].append(thresh / rms.clamp(min=torch.finfo(rms.dtype).tiny))
+    elif x is not u:
+        x.copy_(u)
+    if ns_steps > 0:
+        norm_dtype = torch.promote_types(x.dtype, work_dtype)
+        norm = torch.linalg.vector_norm(x, dim=(1, 2), keepdim=True, dtype=norm_dtype)
+        x.div_(norm + eps)  # X_0 = B_t / (||B_t||_F + eps)
+        x = newton_schulz(x, get_schedule(ns_coefficients, (m, n), ns_steps))
+    # else: orthogonalization off, the update is the (clipped) momentum itself
+    if diagnostics is not None:
+        scale = adjusted_lr_ratio(adjust_lr_fn, (m, n))
+        diagnostics["update_rms"].append(lr * scale * x.float().square().mean(dim=(1, 2)).sqrt())
+        diagnostics["ortho_error"].append(_ortho_error(x))
+    return x
 
 
 def _ortho_error(x: torch.Tensor) -> torch.Tensor:
@@ -294,6 +406,11 @@ class ROOT(Optimizer):
         nonfinite_grads (str): what a step does when a gradient holds inf or NaN: ``"raise"`` a ``FloatingPointError``
             (default), ``"skip"`` the whole step with a warning (nothing changes), or ``"ignore"`` (no check: saves one
             device sync per step; non-finite values then reach weights).
+        process_group: DDP work splitting. ``"auto"`` (default): when ``torch.distributed`` is initialized with more
+            than one rank at ``step()`` time, each matrix is clipped and orthogonalized by one rank and the results are
+            all-gathered (the gradients must be identical on all ranks, as under DDP). A ``ProcessGroup`` restricts
+            this to that group; ``None`` turns it off (every rank computes everything). FSDP2 ``DTensor`` params always
+            use their mesh's group.
 
     State: ``momentum_buffer`` per ROOT matrix; ``step``, ``exp_avg``, ``exp_avg_sq`` per AdamW param. State is
     float32 for bfloat16/float16 params, also after :meth:`load_state_dict`.
@@ -329,10 +446,12 @@ class ROOT(Optimizer):
         adamw_eps: float = 1e-8,
         *,
         nonfinite_grads: NonfiniteGrads = "raise",
+        process_group: Any = "auto",
     ) -> None:
         if nonfinite_grads not in NONFINITE_MODES:
             raise ValueError(f"Invalid nonfinite_grads: {nonfinite_grads!r}. Must be one of {NONFINITE_MODES}.")
         self.nonfinite_grads = nonfinite_grads
+        self.process_group = process_group
         # Diagnostics: set ``collect_diagnostics = True`` before a step; that step fills ``last_diagnostics``.
         self.collect_diagnostics = False
         self.last_diagnostics: dict[str, float] = {}
@@ -384,6 +503,7 @@ class ROOT(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("nonfinite_grads", "raise")
+        self.__dict__.setdefault("process_group", "auto")
         self.__dict__.setdefault("collect_diagnostics", False)
         self.__dict__.setdefault("last_diagnostics", {})
 
@@ -401,13 +521,19 @@ class ROOT(Optimizer):
                     self.state[p][key] = value.to(device=p.device, dtype=torch.float32)
 
     def _grads_finite(self) -> bool:
+        """True if every gradient is finite; under FSDP2 the answer is agreed over the mesh (shards differ)."""
+        with_grad = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if not with_grad:
+            return True
+        local = [local_tensor(p.grad) for p in with_grad]
         norms = [
-            torch.linalg.vector_norm(p.grad, dtype=torch.promote_types(p.grad.dtype, torch.float32)).reshape(1)
-            for group in self.param_groups
-            for p in group["params"]
-            if p.grad is not None
+            torch.linalg.vector_norm(g, dtype=torch.promote_types(g.dtype, torch.float32)).reshape(1) for g in local
         ]
-        return not norms or bool(torch.isfinite(torch.cat([n.to(norms[0]) for n in norms])).all())
+        finite = bool(torch.isfinite(torch.cat([n.to(norms[0]) for n in norms])).all())
+        sharded = [p for p in with_grad if local_tensor(p) is not p]
+        if sharded:
+            finite = plan_for(sharded[:1]).all_true(finite, local[0].device)
+        return finite
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
@@ -455,6 +581,7 @@ class ROOT(Optimizer):
                     lr=group["lr"],
                     weight_decay=group["weight_decay"],
                     diagnostics=diag["root"] if collect else None,
+                    process_group=self.process_group,
                 )
             else:
                 exp_avgs, exp_avg_sqs, steps = [], [], []
@@ -465,13 +592,13 @@ class ROOT(Optimizer):
                         state["step"] = torch.tensor(0.0, dtype=torch.float32)
                         state["exp_avg"] = torch.zeros_like(p, dtype=_state_dtype(p))
                         state["exp_avg_sq"] = torch.zeros_like(p, dtype=_state_dtype(p))
-                    exp_avgs.append(state["exp_avg"])
-                    exp_avg_sqs.append(state["exp_avg_sq"])
+                    exp_avgs.append(local_tensor(state["exp_avg"]))
+                    exp_avg_sqs.append(local_tensor(state["exp_avg_sq"]))
                     steps.append(state["step"])
                 beta1, beta2 = group["betas"]
-                adamw(
-                    params,
-                    grads,
+                adamw(  # elementwise: local shards of FSDP2 DTensors are enough
+                    [local_tensor(p) for p in params],
+                    [local_tensor(g) for g in grads],
                     exp_avgs,
                     exp_avg_sqs,
                     steps,

@@ -1,0 +1,141 @@
+"""Run under `torchrun --standalone --nproc_per_node 2 fsdp2_worker.py OUT_DIR`: ROOT on an FSDP2-sharded tiny Llama.
+
+Compares 3 sharded steps with a dense single-process run of the same model on the whole batch, then round-trips the
+optimizer state through torch.distributed.checkpoint (whose loading runs one zero-grad, lr-0 step) and checks that the
+restored run continues exactly like the original. Rank 0 writes OUT_DIR/result.json.
+"""
+
+import copy
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import root_hf.optim.root as root_module
+from root_hf import ROOT
+
+# Odd vocab (101) and intermediate (75) sizes: their rows do not split evenly over 2 ranks.
+CONFIG = dict(
+    vocab_size=101,
+    hidden_size=40,
+    intermediate_size=75,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=10,
+    tie_word_embeddings=False,
+)
+
+
+def param_groups(model: torch.nn.Module) -> list[dict]:
+    hidden, other = [], []
+    for name, p in model.named_parameters():
+        is_matrix = p.dim() >= 2 and "embed_tokens" not in name and "lm_head" not in name
+        (hidden if is_matrix else other).append(p)
+    return [{"params": hidden, "use_root": True}, {"params": other, "use_root": False}]
+
+
+def shard(model: torch.nn.Module, mesh) -> torch.nn.Module:
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def full(p: torch.Tensor) -> torch.Tensor:
+    return p.full_tensor() if hasattr(p, "full_tensor") else p
+
+
+def main() -> None:
+    out_dir = sys.argv[1]
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.set_num_threads(1)
+    mesh = init_device_mesh("cpu", (world,))
+
+    counted = {"matrices": 0}
+    original = root_module.newton_schulz
+
+    def counting(x, schedule):
+        counted["matrices"] += x.shape[0]
+        return original(x, schedule)
+
+    torch.manual_seed(0)
+    dense = LlamaForCausalLM(LlamaConfig(**CONFIG))
+    initial = copy.deepcopy(dense)
+    sharded = shard(copy.deepcopy(dense), mesh)
+    opt_dense = ROOT(param_groups(dense), lr=0.02, process_group=None)
+    opt_sharded = ROOT(param_groups(sharded), lr=0.02)
+    g = torch.Generator().manual_seed(1)
+    data = [torch.randint(0, CONFIG["vocab_size"], (4, 12), generator=g) for _ in range(5)]
+
+    def step(model, opt, ids):
+        opt.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+
+    for ids in data[:3]:
+        root_module.newton_schulz = counting
+        step(sharded, opt_sharded, ids.chunk(world)[rank])
+        root_module.newton_schulz = original
+        step(dense, opt_dense, ids)
+    dense_diff = max(
+        (full(ps) - pd).abs().max().item() for ps, pd in zip(sharded.parameters(), dense.parameters(), strict=True)
+    )
+
+    # DCP round trip of model + optimizer state into a fresh sharded model.
+    ckpt = f"{out_dir}/ckpt"
+    dcp.save(
+        {"model": get_model_state_dict(sharded), "optim": get_optimizer_state_dict(sharded, opt_sharded)},
+        checkpoint_id=ckpt,
+    )
+    restored = shard(copy.deepcopy(initial), mesh)
+    opt_restored = ROOT(param_groups(restored), lr=0.02)
+    state = {"model": get_model_state_dict(restored), "optim": get_optimizer_state_dict(restored, opt_restored)}
+    dcp.load(state, checkpoint_id=ckpt)
+    set_model_state_dict(restored, state["model"])
+    set_optimizer_state_dict(restored, opt_restored, state["optim"])
+    after_load_diff = max(
+        (full(a) - full(b)).abs().max().item()
+        for a, b in zip(sharded.parameters(), restored.parameters(), strict=True)
+    )
+    for ids in data[3:]:
+        step(sharded, opt_sharded, ids.chunk(world)[rank])
+        step(restored, opt_restored, ids.chunk(world)[rank])
+    resume_diff = max(
+        (full(a) - full(b)).abs().max().item()
+        for a, b in zip(sharded.parameters(), restored.parameters(), strict=True)
+    )
+    finite = all(torch.isfinite(full(p)).all().item() for p in restored.parameters())
+    uneven = [tuple(p.to_local().shape) for p in sharded.parameters() if p.shape[0] % world]
+
+    totals = [torch.zeros(1) for _ in range(world)]
+    dist.all_gather(totals, torch.tensor([float(counted["matrices"])]))
+    if rank == 0:
+        result = {
+            "dense_diff": dense_diff,
+            "after_load_diff": after_load_diff,
+            "resume_diff": resume_diff,
+            "finite": finite,
+            "uneven_local_shapes": uneven,
+            "matrices_per_rank": [int(t.item()) for t in totals],
+        }
+        with open(f"{out_dir}/result.json", "w") as f:
+            json.dump(result, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
