@@ -1,6 +1,9 @@
 """root_hf: the ROOT optimizer (Robust Orthogonalized Optimizer, arXiv 2511.20626) for PyTorch and Hugging Face.
 
-``import root_hf`` needs only torch: the Hugging Face pieces listed in ``_LAZY`` load on first access.
+``import root_hf`` needs only torch: the Hugging Face pieces listed in ``_LAZY`` load on first access. It also makes
+``optim="root"`` available to ``transformers.TrainingArguments``, whether ``transformers`` is imported before or after
+root_hf: at once if it is already imported, else when it is (a cheap ``sys.meta_path`` hook; see
+:mod:`root_hf.integrations._registration`).
 """
 
 from __future__ import annotations
@@ -8,14 +11,46 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from .integrations._registration import install_import_hook as _install_import_hook
 from .optim import ROOT, RootReference, get_schedule, orthogonalize, schedule_band
 
 __version__ = "0.1.0"
 
 # Public names that live in modules needing optional dependencies: name -> module, imported on first access.
-_LAZY: dict[str, str] = {}
+_LAZY: dict[str, str] = {
+    "ParamRouting": "root_hf.integrations.routing",
+    "RootDiagnosticsCallback": "root_hf.integrations.callbacks",
+    "RootOptimizerFactory": "root_hf.integrations.transformers",
+    "RootTrainer": "root_hf.integrations.transformers",
+    "RootTrainerMixin": "root_hf.integrations.transformers",
+    "add_root_diagnostics": "root_hf.integrations.callbacks",
+    "create_root_optimizer": "root_hf.integrations.transformers",
+    "parse_root_optim_args": "root_hf.integrations.transformers",
+    "register_root_optimizer": "root_hf.integrations._registration",
+    "route_parameters": "root_hf.integrations.routing",
+}
 
-__all__ = ["ROOT", "RootReference", "__version__", "get_schedule", "orthogonalize", "schedule_band"]
+__all__ = [
+    "ParamRouting",
+    "ROOT",
+    "RootDiagnosticsCallback",
+    "RootOptimizerFactory",
+    "RootReference",
+    "RootTrainer",
+    "RootTrainerMixin",
+    "__version__",
+    "add_root_diagnostics",
+    "create_root_optimizer",
+    "get_schedule",
+    "orthogonalize",
+    "parse_root_optim_args",
+    "register_root_optimizer",
+    "route_parameters",
+    "schedule_band",
+]
+
+# Register optim="root" with transformers now or when it gets imported (stdlib only; never imports transformers).
+_install_import_hook()
 
 
 def __getattr__(name: str) -> Any:

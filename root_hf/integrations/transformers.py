@@ -1,0 +1,483 @@
+"""ROOT in the Hugging Face ``Trainer``: ``optim="root"``, ``RootTrainer``, a factory, ``optim_args`` parsing.
+
+Four ways to train with ROOT, from the most to the least integrated:
+
+1. ``TrainingArguments(optim="root", optim_args="momentum=0.95,clip_quantile=0.9")`` with the **stock**
+   ``transformers.Trainer`` or TRL's ``SFTTrainer`` (``SFTConfig(optim="root")``), and ``--optim root`` on the command
+   line. ``import root_hf`` registers the name (see :mod:`root_hf.integrations._registration`).
+2. :class:`RootTrainer`, or :class:`RootTrainerMixin` in front of any ``Trainer`` subclass (e.g. TRL's): always ROOT,
+   no registration needed, and ROOT's diagnostics in the logs.
+3. ``Trainer(..., optimizer_cls_and_kwargs=(RootOptimizerFactory, {"lr": 3e-4}))``: no registration needed.
+4. :func:`create_root_optimizer`: builds the optimizer from a model (and optionally ``TrainingArguments``), for
+   ``Trainer(optimizers=(opt, None))`` or a custom loop.
+
+All of them route parameters with :func:`root_hf.integrations.routing.route_parameters` (hidden matrices to ROOT;
+embeddings, LM head, norms, biases, PEFT extras to AdamW, or ``optim_target_modules``), log a one-line routing
+summary, honour ``learning_rate``, ``weight_decay``, ``adam_beta1/2`` and ``adam_epsilon``, and refuse setups that hand
+the optimizer flattened parameters (DeepSpeed ZeRO, FSDP1).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer
+
+from ..optim.coefficients import SCHEDULE_NAMES
+from ..optim.orthogonalize import NS_DTYPES
+from ..optim.root import ADJUST_LR_FNS, NONFINITE_MODES, ROOT
+from ._registration import OPTIM_NAME, register_root_optimizer
+from .callbacks import add_root_diagnostics
+from .routing import route_parameters
+
+__all__ = [
+    "OPTIM_ARGS",
+    "RootOptimizerFactory",
+    "RootTrainer",
+    "RootTrainerMixin",
+    "check_root_compatible",
+    "create_root_optimizer",
+    "parse_root_optim_args",
+    "register_root_optimizer",
+    "root_optimizer_handler",
+]
+
+logger = logging.getLogger(__name__)
+
+# FSDP2 (DTensor params) is supported by ROOT's sharded Newton-Schulz (root_hf.distributed: whole matrices are gathered
+# to an owner rank, orthogonalized and re-sharded); FSDP1 and DeepSpeed ZeRO hand over flat shards and stay refused.
+FSDP2_SUPPORTED = True
+
+# --------------------------------------------------------------------------------------------------------------------
+# optim_args
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OptimArg:
+    """One ``optim_args`` key: how its string value converts, what it accepts, what it sets."""
+
+    convert: Callable[[str], Any]
+    accepted: str
+    help: str
+
+
+_TRUE, _FALSE, _NONE = ("true", "1", "yes", "on"), ("false", "0", "no", "off"), ("none", "null")
+
+
+def _bool(value: str) -> bool:
+    if value.lower() in _TRUE:
+        return True
+    if value.lower() in _FALSE:
+        return False
+    raise ValueError
+
+
+def _float_in(check: Callable[[float], bool], none: bool = False) -> Callable[[str], float | None]:
+    def convert(value: str) -> float | None:
+        if none and value.lower() in _NONE:
+            return None
+        number = float(value)
+        if not check(number):
+            raise ValueError
+        return number
+
+    return convert
+
+
+def _int_in(check: Callable[[int], bool]) -> Callable[[str], int]:
+    def convert(value: str) -> int:
+        number = int(value)
+        if not check(number):
+            raise ValueError
+        return number
+
+    return convert
+
+
+def _choice(options: Collection[str | None]) -> Callable[[str], str | None]:
+    def convert(value: str) -> str | None:
+        if value.lower() in _NONE and None in options:
+            return None
+        if value not in options:
+            raise ValueError
+        return value
+
+    return convert
+
+
+def _finite(v: float) -> bool:
+    return v == v and abs(v) != float("inf")
+
+
+OPTIM_ARGS: dict[str, OptimArg] = {
+    "momentum": OptimArg(_float_in(lambda v: 0 <= v < 1), "a float in [0, 1)", "momentum mu of the ROOT branch"),
+    "nesterov": OptimArg(_bool, "true or false", "Nesterov direction U = G + mu M (ROOT branch)"),
+    "clip_quantile": OptimArg(
+        _float_in(lambda v: 0 < v <= 1, none=True),
+        "a float in (0, 1], or none (clipping off)",
+        "quantile level of the outlier soft-threshold",
+    ),
+    "ns_steps": OptimArg(_int_in(lambda v: 0 <= v <= 100), "an integer in [0, 100]", "Newton-Schulz steps"),
+    "ns_coefficients": OptimArg(
+        _choice(SCHEDULE_NAMES), f"one of {', '.join(SCHEDULE_NAMES)}", "Newton-Schulz coefficient schedule"
+    ),
+    "eps": OptimArg(_float_in(lambda v: v >= 0 and _finite(v)), "a float >= 0", "ROOT's normalization epsilon"),
+    "adjust_lr_fn": OptimArg(
+        _choice(ADJUST_LR_FNS), "match_rms_adamw, original or none", "scale of the orthogonalized update"
+    ),
+    "ns_dtype": OptimArg(
+        _choice(("auto", *NS_DTYPES)), f"one of auto, {', '.join(NS_DTYPES)}", "dtype of the Newton-Schulz iteration"
+    ),
+    "adamw_beta1": OptimArg(
+        _float_in(lambda v: 0 <= v < 1), "a float in [0, 1)", "AdamW branch beta1 (default: adam_beta1)"
+    ),
+    "adamw_beta2": OptimArg(
+        _float_in(lambda v: 0 <= v < 1), "a float in [0, 1)", "AdamW branch beta2 (default: adam_beta2)"
+    ),
+    "adamw_eps": OptimArg(
+        _float_in(lambda v: v >= 0 and _finite(v)), "a float >= 0", "AdamW branch epsilon (default: adam_epsilon)"
+    ),
+    "adamw_lr": OptimArg(
+        _float_in(lambda v: v >= 0 and _finite(v)), "a float >= 0", "AdamW branch lr (default: learning_rate)"
+    ),
+    "adamw_weight_decay": OptimArg(
+        _float_in(lambda v: v >= 0 and _finite(v)), "a float >= 0", "AdamW branch decay (default: weight_decay)"
+    ),
+    "nonfinite_grads": OptimArg(
+        _choice(NONFINITE_MODES), f"one of {', '.join(NONFINITE_MODES)}", "what a step does with inf/NaN grads"
+    ),
+    "diagnostics_steps": OptimArg(
+        _int_in(lambda v: v >= 0),
+        "an integer >= 0 (0: off)",
+        "log ROOT diagnostics every N optimizer steps (default: logging_steps)",
+    ),
+}
+
+# Keyword arguments of create_root_optimizer / RootOptimizerFactory beyond ROOT's own.
+_ROOT_KWARGS = (
+    "lr",
+    "weight_decay",
+    "momentum",
+    "nesterov",
+    "clip_quantile",
+    "ns_steps",
+    "ns_coefficients",
+    "eps",
+    "adjust_lr_fn",
+    "ns_dtype",
+    "betas",
+    "adamw_eps",
+    "nonfinite_grads",
+)
+_EXTRA_KWARGS = (
+    "adamw_beta1",
+    "adamw_beta2",
+    "adamw_lr",
+    "adamw_weight_decay",
+    "target_modules",
+    "decay_parameter_names",
+    "diagnostics_steps",
+)
+
+
+def parse_root_optim_args(optim_args: str | Mapping[str, Any] | None) -> dict[str, Any]:
+    """Parse ``TrainingArguments.optim_args`` (``"key=value,key=value"``) for ROOT, with typed values.
+
+    Keys are listed in :data:`OPTIM_ARGS`. Spaces are ignored (as ``transformers`` does); ``none`` means None where
+    allowed; booleans are ``true/false`` (also ``1/0``, ``yes/no``).
+
+    Raises:
+        ValueError: an unknown key (the message lists the valid ones), a malformed entry or a bad value (the message
+            says what the key accepts).
+
+    Example:
+        >>> parse_root_optim_args("momentum=0.9, nesterov=false, clip_quantile=none, ns_coefficients=muon")
+        {'momentum': 0.9, 'nesterov': False, 'clip_quantile': None, 'ns_coefficients': 'muon'}
+    """
+    if optim_args is None:
+        return {}
+    if isinstance(optim_args, Mapping):
+        items = [(str(k), str(v)) for k, v in optim_args.items()]
+    elif isinstance(optim_args, str):
+        items = []
+        for entry in optim_args.replace(" ", "").split(","):
+            if not entry:
+                continue
+            key, sep, value = entry.partition("=")
+            if not sep or not key:
+                raise ValueError(
+                    f"Invalid optim_args entry {entry!r} in {optim_args!r}: must be 'key=value'. "
+                    f"Valid keys for optim='root': {', '.join(OPTIM_ARGS)}."
+                )
+            items.append((key, value))
+    else:
+        raise ValueError(f"Invalid optim_args: {optim_args!r}. Must be a 'key=value,key=value' string or None.")
+    parsed: dict[str, Any] = {}
+    for key, value in items:
+        spec = OPTIM_ARGS.get(key)
+        if spec is None:
+            raise ValueError(f"Unknown optim_args key {key!r} for optim='root'. Valid keys: {', '.join(OPTIM_ARGS)}.")
+        try:
+            parsed[key] = spec.convert(value)
+        except ValueError:
+            raise ValueError(f"Invalid optim_args value {key}={value!r}: must be {spec.accepted}.") from None
+    return parsed
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Refusing setups that hand the optimizer flattened parameters
+# --------------------------------------------------------------------------------------------------------------------
+
+_DDP_FIX = "use DDP (plain multi-process data parallel, no fsdp / deepspeed)"
+_FIX = f"Use FSDP2 (fsdp_version=2) or {_DDP_FIX}." if FSDP2_SUPPORTED else f"Instead, {_DDP_FIX}."
+
+
+def _deepspeed_error() -> ValueError:
+    return ValueError(
+        "ROOT cannot run under DeepSpeed: ZeRO hands the optimizer flattened 1-D parameter shards, on which "
+        f"Newton-Schulz orthogonalization is impossible (and DeepSpeed replaces the optimizer step). {_FIX}"
+    )
+
+
+def _fsdp_error(version: int) -> ValueError:
+    if version == 2:
+        return ValueError(
+            "ROOT does not support FSDP2 yet in this release of root_hf: Newton-Schulz needs whole matrices, and "
+            f"orthogonalizing each DTensor shard alone is wrong. {_FIX}"
+        )
+    return ValueError(
+        "ROOT cannot run under FSDP1: it hands the optimizer flat 1-D shards (FlatParameter / use_orig_params "
+        f"views), on which Newton-Schulz orthogonalization is impossible. {_FIX}"
+    )
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "false").lower() in ("1", "true", "yes")
+
+
+def check_root_compatible(args: Any | None = None, model: nn.Module | None = None) -> None:
+    """Raise a ``ValueError`` naming the fix if ROOT cannot work in this setup: DeepSpeed, FSDP1 (and, for now, FSDP2).
+
+    Checks ``TrainingArguments`` (``deepspeed``, ``fsdp``, ``fsdp_config["version"]``), the environment that
+    ``accelerate launch`` sets, accelerate's state when an ``Accelerator`` exists, and the model's parameters
+    (DeepSpeed's ``ds_id``, FSDP1's ``FlatParameter``, DTensors).
+
+    Example:
+        >>> check_root_compatible(None, torch.nn.Linear(4, 4))  # nothing to refuse
+    """
+    if args is not None:
+        if getattr(args, "deepspeed", None) or getattr(args, "hf_deepspeed_config", None) is not None:
+            raise _deepspeed_error()
+        if getattr(args, "fsdp", None):
+            config = args.fsdp_config if isinstance(getattr(args, "fsdp_config", None), dict) else {}
+            version = int(config.get("version", 2))
+            if version != 2 or not FSDP2_SUPPORTED:
+                raise _fsdp_error(version)
+    if _env_flag("ACCELERATE_USE_DEEPSPEED"):
+        raise _deepspeed_error()
+    if _env_flag("ACCELERATE_USE_FSDP"):
+        version = int(os.environ.get("FSDP_VERSION", "1"))  # accelerate's default is FSDP1
+        if version != 2 or not FSDP2_SUPPORTED:
+            raise _fsdp_error(version)
+    state_module = sys.modules.get("accelerate.state")
+    shared = getattr(getattr(state_module, "AcceleratorState", None), "_shared_state", None) or {}
+    distributed_type = str(getattr(shared.get("distributed_type"), "value", shared.get("distributed_type")))
+    if distributed_type == "DEEPSPEED":
+        raise _deepspeed_error()
+    if distributed_type == "FSDP":
+        version = int(getattr(shared.get("fsdp_plugin"), "fsdp_version", 1))
+        if version != 2 or not FSDP2_SUPPORTED:
+            raise _fsdp_error(version)
+    if model is not None:
+        for name, p in model.named_parameters():
+            if hasattr(p, "ds_id") or hasattr(p, "ds_numel"):
+                raise _deepspeed_error()
+            if "_flat_param" in name or type(p).__name__ == "FlatParameter":
+                raise _fsdp_error(1)
+            if not FSDP2_SUPPORTED and any(c.__name__ == "DTensor" for c in type(p).__mro__):
+                raise _fsdp_error(2)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Building the optimizer
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _kwargs_from_args(args: Any) -> dict[str, Any]:
+    """ROOT keyword arguments from ``TrainingArguments``: lr, decay, AdamW betas/eps, target modules, optim_args."""
+    kwargs: dict[str, Any] = {
+        "lr": args.learning_rate,
+        "weight_decay": args.weight_decay,
+        "betas": (args.adam_beta1, args.adam_beta2),
+        "adamw_eps": args.adam_epsilon,
+        "target_modules": getattr(args, "optim_target_modules", None),
+    }
+    kwargs.update(parse_root_optim_args(args.optim_args))
+    return kwargs
+
+
+def create_root_optimizer(model: nn.Module, args: Any | None = None, **overrides: Any) -> ROOT:
+    """Build a :class:`~root_hf.ROOT` optimizer for ``model`` with name/role-based routing.
+
+    Args:
+        model: the model to train (a ``transformers`` / PEFT / plain torch model). Frozen parameters are left out.
+        args: optional ``TrainingArguments`` (or ``SFTConfig``, ...): ``learning_rate``, ``weight_decay``,
+            ``adam_beta1/2``, ``adam_epsilon``, ``optim_target_modules`` and ``optim_args`` (keys in
+            :data:`OPTIM_ARGS`) are honoured; also refuses DeepSpeed / FSDP1 setups.
+        **overrides: win over ``args``: any ROOT argument (``lr``, ``weight_decay``, ``momentum``, ``nesterov``,
+            ``clip_quantile``, ``ns_steps``, ``ns_coefficients``, ``eps``, ``adjust_lr_fn``, ``ns_dtype``, ``betas``,
+            ``adamw_eps``, ``nonfinite_grads``), and ``adamw_beta1``, ``adamw_beta2``, ``adamw_lr``,
+            ``adamw_weight_decay``, ``target_modules`` (as ``optim_target_modules``), ``decay_parameter_names``
+            and ``diagnostics_steps`` (read by :class:`~root_hf.RootDiagnosticsCallback`).
+
+    Returns:
+        The optimizer, with ``routing_summary`` (the logged line) and ``diagnostics_steps`` attributes.
+
+    Example:
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        ...                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=128))
+        >>> opt = create_root_optimizer(model, lr=1e-3, clip_quantile=0.9)
+        >>> opt.routing_summary.split(";")[0]
+        'ROOT: 7 tensors / 9,216 params (hidden_matrix 7)'
+    """
+    unknown = set(overrides) - set(_ROOT_KWARGS) - set(_EXTRA_KWARGS)
+    if unknown:
+        raise ValueError(
+            f"Invalid create_root_optimizer argument(s): {sorted(unknown)}. "
+            f"Valid: {', '.join(_ROOT_KWARGS + _EXTRA_KWARGS)}."
+        )
+    check_root_compatible(args, model)
+    kwargs = _kwargs_from_args(args) if args is not None else {}
+    kwargs.update(overrides)
+    beta1, beta2 = kwargs.pop("betas", (0.9, 0.95))
+    betas = (kwargs.pop("adamw_beta1", beta1), kwargs.pop("adamw_beta2", beta2))
+    adamw_lr = kwargs.pop("adamw_lr", None)
+    adamw_weight_decay = kwargs.pop("adamw_weight_decay", None)
+    target_modules = kwargs.pop("target_modules", None)
+    decay_names = kwargs.pop("decay_parameter_names", None)
+    diagnostics_steps = kwargs.pop("diagnostics_steps", None)
+    if diagnostics_steps is not None and not (
+        isinstance(diagnostics_steps, int) and not isinstance(diagnostics_steps, bool) and diagnostics_steps >= 0
+    ):
+        raise ValueError(f"Invalid diagnostics_steps: {diagnostics_steps!r}. Must be an integer >= 0 (0: off).")
+
+    routing = route_parameters(model, target_modules, decay_parameter_names=decay_names)
+    if not routing.params:
+        raise ValueError("create_root_optimizer: the model has no trainable parameters (all require_grad=False).")
+    groups = routing.param_groups(
+        weight_decay=kwargs.get("weight_decay"), adamw_lr=adamw_lr, adamw_weight_decay=adamw_weight_decay
+    )
+    optimizer = ROOT(groups, betas=betas, **kwargs)
+    optimizer.routing_summary = routing.summary()  # type: ignore[attr-defined]
+    optimizer.diagnostics_steps = diagnostics_steps  # type: ignore[attr-defined]
+    logger.info("ROOT routing: %s", optimizer.routing_summary)  # type: ignore[attr-defined]
+    return optimizer
+
+
+class RootOptimizerFactory:
+    """Builds ROOT from a model: for ``Trainer(optimizer_cls_and_kwargs=(RootOptimizerFactory, {...}))``.
+
+    ``Trainer`` instantiates the class with no arguments, then calls it with the model and the kwargs (any keyword of
+    :func:`create_root_optimizer`). Give ``lr`` here: ``Trainer`` does not pass ``learning_rate`` on this path (the
+    scheduler then scales it as usual). Needs no registration, so it works even where ``optim="root"`` cannot be.
+
+    Example:
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        ...                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=128))
+        >>> opt = RootOptimizerFactory()(model, lr=3e-4, momentum=0.9)
+        >>> type(opt).__name__, opt.param_groups[0]["momentum"]
+        ('ROOT', 0.9)
+    """
+
+    def __call__(self, model: nn.Module, **kwargs: Any) -> ROOT:
+        return create_root_optimizer(model, **kwargs)
+
+
+def root_optimizer_handler(ctx: Any) -> tuple[type[RootOptimizerFactory], dict[str, Any]]:
+    """The ``transformers.trainer_optimizer`` handler for ``optim="root"``: ``(RootOptimizerFactory, kwargs)``.
+
+    ``kwargs`` come from ``ctx.args`` (see :func:`create_root_optimizer`); errors in ``optim_args`` and refused setups
+    raise here, when the ``Trainer`` builds its optimizer.
+    """
+    check_root_compatible(ctx.args, ctx.model)
+    return RootOptimizerFactory, _kwargs_from_args(ctx.args)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Trainer
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class RootTrainerMixin:
+    """Makes any ``transformers.Trainer`` subclass train with ROOT, without registration: ``class MySFTTrainer(
+    RootTrainerMixin, SFTTrainer)``.
+
+    - ``create_optimizer`` builds ROOT from ``args`` (``learning_rate``, ``weight_decay``, ``adam_beta1/2``,
+      ``adam_epsilon``, ``optim_target_modules``, ROOT keys in ``optim_args``) with routing by role, whatever
+      ``args.optim`` says; weight decay follows ``self.get_decay_parameter_names``. Optimizers passed through
+      ``optimizers=`` or ``optimizer_cls_and_kwargs=`` are used as given.
+    - ROOT's diagnostics go into the training logs every ``diagnostics_steps`` (an ``optim_args`` key; default: every
+      logging step; ``0`` turns them off), through a :class:`~root_hf.RootDiagnosticsCallback` placed before the
+      reporting callbacks, so TensorBoard / W&B / trackio receive them.
+    - ``optim_args`` is validated at construction: an unknown key raises at once, not at ``train()``.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        training_args = self.args  # type: ignore[attr-defined]
+        parsed = parse_root_optim_args(training_args.optim_args)
+        fields = getattr(type(training_args), "__dataclass_fields__", {})
+        default_optim = fields["optim"].default if "optim" in fields else None
+        optim = getattr(training_args.optim, "value", training_args.optim)
+        if optim not in (OPTIM_NAME, getattr(default_optim, "value", default_optim)):
+            logger.warning("%s trains with ROOT; optim=%r is ignored.", type(self).__name__, optim)
+        if parsed.get("diagnostics_steps", None) != 0:
+            add_root_diagnostics(self, parsed.get("diagnostics_steps"))  # type: ignore[arg-type]
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        """Build ROOT (see the class docstring) unless an optimizer or ``optimizer_cls_and_kwargs`` was given."""
+        if self.optimizer is None and getattr(self, "optimizer_cls_and_kwargs", None) is None:  # type: ignore
+            opt_model = self.model if model is None else model  # type: ignore[attr-defined]
+            if getattr(self, "is_deepspeed_enabled", False):
+                raise _deepspeed_error()
+            plugin = getattr(getattr(getattr(self, "accelerator", None), "state", None), "fsdp_plugin", None)
+            if getattr(self, "is_fsdp_enabled", False) and plugin is not None:
+                version = int(getattr(plugin, "fsdp_version", 1))
+                if version != 2 or not FSDP2_SUPPORTED:
+                    raise _fsdp_error(version)
+            self.optimizer = create_root_optimizer(  # type: ignore[attr-defined]
+                opt_model,
+                self.args,  # type: ignore[attr-defined]
+                decay_parameter_names=self.get_decay_parameter_names(opt_model),  # type: ignore[attr-defined]
+            )
+            return self.optimizer
+        return super().create_optimizer(model)  # type: ignore[misc]
+
+
+class RootTrainer(RootTrainerMixin, Trainer):
+    """``transformers.Trainer`` that trains with ROOT: see :class:`RootTrainerMixin`. Needs no registration.
+
+    Example:
+        >>> import tempfile
+        >>> from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
+        >>> model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        ...                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=128))
+        >>> data = [{"input_ids": torch.arange(16) % 128, "labels": torch.arange(16) % 128}] * 8
+        >>> args = TrainingArguments(tempfile.mkdtemp(), max_steps=2, per_device_train_batch_size=4, use_cpu=True,
+        ...                          report_to="none", logging_steps=1, optim_args="diagnostics_steps=1")
+        >>> trainer = RootTrainer(model=model, args=args, train_dataset=data)
+        >>> _ = trainer.train()  # doctest: +ELLIPSIS
+        {'loss': ...}
+        >>> "root/clip_fraction" in trainer.state.log_history[0]
+        True
+    """
