@@ -9,11 +9,20 @@ in ``[0, 1]``).
 
 Named schedules:
 
+- ``"adaptive"`` (the default): fitted per matrix shape and step count by :mod:`root_hf.optim.adaptive`, safe by
+  construction: every output singular value stays in :data:`ADAPTIVE_BAND` ``= [0, 1.2]`` for every input, in float64
+  and in simulated bfloat16. Common shapes ship in a table; others are fitted once (about 0.1-0.5 s) and cached in
+  memory and on disk.
+- ``"polar-express"``: Polar Express's per-step minimax coefficients (Amsel et al. 2025, arXiv 2505.16932), derived
+  with the paper's method for ``ns_steps`` steps; the same for every shape.
 - ``"muon"``: Muon's fixed triple at every step.
 - ``"root-paper"``: the four per-shape triples published with ROOT, Muon's triple for every other shape. The
   (2048, 2048) triple is unsafe: its 5-step composition maps normalized singular values near 0.56 to about 3.3.
 - ``"root-paper-safe"``: ``"root-paper"`` with every triple whose composition leaves :data:`SAFE_BAND` replaced by
   Muon's triple (today only the (2048, 2048) one).
+
+Run ``python -m root_hf.coefficients --help`` to print schedules, their band and their predicted errors for given
+shapes or for every matrix of a model config.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ from collections.abc import Sequence
 import torch
 
 __all__ = [
+    "ADAPTIVE_BAND",
     "DEFAULT_SCHEDULE",
     "MUON_COEFFICIENTS",
     "ROOT_PAPER_TABLE",
@@ -60,9 +70,14 @@ ROOT_PAPER_TABLE: dict[tuple[int, int], Coefficients] = {
 # 5-step composition peaks at 1.2024 (at x ~ 0.004), so 1.21 admits Muon and rejects the (2048, 2048) paper triple.
 SAFE_BAND: tuple[float, float] = (0.0, 1.21)
 
-SCHEDULE_NAMES: tuple[str, ...] = ("muon", "root-paper", "root-paper-safe")
-# Replaced by the shape-adaptive schedule once it exists; until then the paper's table without its unsafe triple.
-DEFAULT_SCHEDULE = "root-paper-safe"
+# The band the "adaptive" schedules guarantee (root_hf issue 3), in float64 and in simulated bfloat16; see
+# root_hf.optim.adaptive. Stricter than SAFE_BAND, which has to admit Muon's 1.2024.
+ADAPTIVE_BAND: tuple[float, float] = (0.0, 1.2)
+
+SCHEDULE_NAMES: tuple[str, ...] = ("adaptive", "polar-express", "muon", "root-paper", "root-paper-safe")
+# The shape-adaptive schedule (root_hf issue 3): a guaranteed band and, in benchmarks/orthogonality.py, lower error
+# than Muon and the ROOT table on every shape and spectrum measured (see docs/coefficients.md).
+DEFAULT_SCHEDULE = "adaptive"
 
 # Dense grid on [0, 1] used to check safety; 2**16 + 1 points resolves the narrow peaks of composed quintics.
 _GRID_POINTS = 65537
@@ -110,6 +125,14 @@ def normalize_schedule_spec(spec: ScheduleSpec) -> str | Coefficients | Schedule
 
 @functools.lru_cache(maxsize=4096)
 def _named_schedule(name: str, key: tuple[int, int], ns_steps: int) -> Schedule:
+    if name == "adaptive":
+        from .adaptive import adaptive_schedule  # imported here: adaptive.py builds on this module
+
+        return adaptive_schedule(key, ns_steps)
+    if name == "polar-express":
+        from .adaptive import polar_express_schedule
+
+        return polar_express_schedule(ns_steps)
     if name == "muon":
         return (MUON_COEFFICIENTS,) * ns_steps
     triple = ROOT_PAPER_TABLE.get(key, MUON_COEFFICIENTS)
@@ -130,9 +153,14 @@ def get_schedule(spec: ScheduleSpec, shape: Sequence[int], ns_steps: int) -> Sch
     Returns:
         A tuple of ``ns_steps`` triples.
 
+    The first call for a shape may fit the ``"adaptive"`` schedule (shapes missing from the shipped table); every
+    later call is a cache lookup, so calling this at every optimizer step is cheap.
+
     Example:
         >>> get_schedule("muon", (576, 1536), 2)
         ((3.4445, -4.775, 2.0315), (3.4445, -4.775, 2.0315))
+        >>> len(get_schedule("adaptive", (16, 4096), 5))
+        5
     """
     if not isinstance(ns_steps, int) or ns_steps < 0:
         raise ValueError(f"Invalid ns_steps: {ns_steps!r}. Must be an integer >= 0.")

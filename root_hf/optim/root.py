@@ -394,8 +394,9 @@ class ROOT(Optimizer):
         clip_quantile (float or None): quantile level :math:`q` of the soft-threshold; None turns outlier suppression
             off (default: 0.90, the paper's best percentile).
         ns_steps (int): Newton-Schulz steps :math:`K`; 0 turns orthogonalization off (default: 5).
-        ns_coefficients: schedule name (``"root-paper-safe"``, ``"root-paper"``, ``"muon"``), one ``(a, b, c)``
-            triple or one triple per step (default: ``"root-paper-safe"``).
+        ns_coefficients: schedule name (``"adaptive"``: fitted for the matrix shape, every output singular value
+            guaranteed in [0, 1.2]; ``"polar-express"``, ``"muon"``, ``"root-paper"``, ``"root-paper-safe"``), one
+            ``(a, b, c)`` triple or one triple per step (default: ``"adaptive"``).
         eps (float): added to :math:`\lVert B_t \rVert_F` before normalizing (default: 1e-7).
         adjust_lr_fn (str or None): ``"match_rms_adamw"`` (:math:`0.2\sqrt{\max(m, n)}`), ``"original"``
             (:math:`\sqrt{\max(1, m/n)}`) or None (1) (default: ``"match_rms_adamw"``).
