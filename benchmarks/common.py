@@ -45,3 +45,74 @@ def median_time(fn: Callable[[], object], steps: int, warmup: int = 2) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def llama_ratio_shapes(hidden: int, head_dim: int = 64) -> dict[str, int]:
+    """Llama-style layer dims for a hidden size: ``intermediate = 64 * round(8 hidden / 3 / 64)``, heads of
+    ``head_dim``, grouped-query KV heads (``heads / 3`` when divisible, as SmolLM2, else ``heads / 4``)."""
+    heads = max(1, hidden // head_dim)
+    kv_heads = heads // 3 if heads % 3 == 0 else max(1, heads // 4)
+    intermediate = 64 * round(8 * hidden / 3 / 64)
+    return {"hidden": hidden, "intermediate": intermediate, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim}
+
+
+def ns_flops(shape: tuple[int, int], ns_steps: int = 5) -> int:
+    """Multiply-add FLOPs (2 per MAC) of ``ns_steps`` quintic Newton-Schulz steps on one ``m x n`` matrix.
+
+    With ``s = min(m, n)`` and ``l = max(m, n)`` each step computes the Gram matrix ``A = X X^T`` (``2 s^2 l``),
+    ``b A + c A^2`` (``2 s^3``) and ``(b A + c A^2) X`` (``2 s^2 l``): ``2 s^2 (2 l + s)`` per step. The
+    normalization and the elementwise terms are O(s l) and not counted.
+    """
+    s, long = min(shape), max(shape)
+    return 2 * s * s * (2 * long + s) * ns_steps
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries a benchmark used (those importable here)."""
+    import importlib.metadata
+
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    for name in ("transformers", "peft", "root-hf", "numpy", "matplotlib"):
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def machine_dict() -> dict[str, object]:
+    """Machine description as data (for JSON results): CPU, core count, torch threads, load average."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        if names:
+            cpu = names[0]
+    except OSError:
+        pass
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    return {
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average_1m": round(load[0], 2),
+        "platform": platform.platform(),
+    }
+
+
+def interleaved_medians(fns: dict[str, Callable[[], object]], steps: int, warmup: int = 2) -> dict[str, float]:
+    """Median wall time (seconds) of each ``fn`` with the calls interleaved round-robin.
+
+    On a machine shared with other jobs the load drifts over a benchmark; timing the candidates in turns, instead of
+    one after the other, exposes every candidate to the same drift, so their ratios stay meaningful.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(steps):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
