@@ -435,12 +435,14 @@ def speed_section(speed: dict[str, Any], img_dir: Path) -> tuple[list[str], dict
     out = ["## Speed and memory (`benchmarks/step_time.py`)", ""]
     head: dict[str, Any] = {}
     cfg = speed["config"]
+    load = [speed["machine"]["load_average_1m"], speed["machine"].get("load_average_1m_end")]
+    busy = load[0] > 0.5 * speed["machine"]["cpus"]  # at the start: the end's figure includes the benchmark itself
     out += [
-        f"Measured {speed['date']} on {speed['machine']['cpu']} ({speed['machine']['cpus']} cores, shared), "
+        f"Measured {speed['date']} on {speed['machine']['cpu']} ({speed['machine']['cpus']} cores), "
         f"torch {speed['versions']['torch']}, {cfg['threads']} torch thread(s); 1-minute load average "
-        f"{speed['machine']['load_average_1m']} at the start, {speed['machine'].get('load_average_1m_end')} at the "
-        "end (other jobs were running: wall-clock figures are noisy; all are medians). Grads are fixed random "
-        "tensors, so only the optimizer step is timed.",
+        f"{load[0]} at the start, {load[1]} at the end "
+        + ("(other jobs were running: wall-clock figures are noisy; " if busy else "(an otherwise idle machine; ")
+        + "all figures are medians). Grads are fixed random tensors, so only the optimizer step is timed.",
         "",
     ]
     if "main" in speed:
@@ -469,7 +471,8 @@ def speed_section(speed: dict[str, Any], img_dir: Path) -> tuple[list[str], dict
             "",
             "Components timed separately, batched by shape exactly as `ROOT.step` does. NS FLOPs per matrix and step: "
             "`2 s^2 (2 l + s)` for `s = min(m, n)`, `l = max(m, n)` (Gram matrix, its square, the product), times 5 "
-            "steps. The peak is a 2048 x 2048 x 2048 matmul of the same dtype measured in the same run.",
+            "steps. The peak is the fastest of three square matmuls (2048, 3072 and 4096 cubed) of the same dtype "
+            "measured in the same run.",
             "",
         ]
         rows = []
@@ -603,8 +606,8 @@ def _where_time_goes(b: dict[str, Any]) -> list[str]:
             if wide > tall + 0.1:
                 out.append(
                     f"    - The same 576 x 1536 products run at {wide:.0%} of peak for the wide layout (down, "
-                    f"576x1536) but {tall:.0%} for the tall one (gate/up, 1536x576), where Newton-Schulz forms the "
-                    "Gram matrix as `X^T X` on the batch: the tall layout is the slow path in this dtype."
+                    f"576x1536) but {tall:.0%} for the tall one (gate/up, 1536x576), which pays for transposing the "
+                    "batch into the wide form (or, in float32, forms the Gram matrix as `X^T X`)."
                 )
     return out
 

@@ -73,15 +73,16 @@ def quantile_threshold(u: torch.Tensor, q: float, sample_size: int = QUANTILE_SA
     return torch.lerp(below, above, pos - lo).squeeze(1)
 
 
-def soft_threshold_clip_(
-    u: torch.Tensor, q: float, sample_size: int = QUANTILE_SAMPLE_SIZE, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Replace each matrix of the batch ``u`` by its robust part ``B = U - O = clamp(U, -eps, eps)``.
+def soft_threshold_clip_(u: torch.Tensor, q: float, sample_size: int = QUANTILE_SAMPLE_SIZE) -> torch.Tensor:
+    """Replace each matrix of the batch ``u`` by its robust part ``B = U - O = clamp(U, -eps, eps)``, in place.
 
-    Writes into ``out`` (default: ``u`` itself, in place; ``out`` may have another dtype, e.g. the Newton-Schulz one,
-    which saves a separate cast). Returns the per-matrix thresholds ``eps`` (shape ``(batch,)``).
+    Returns the per-matrix thresholds ``eps`` (shape ``(batch,)``).
     """
     eps = quantile_threshold(u, q, sample_size)
     bound = eps.view(-1, *([1] * (u.dim() - 1)))
-    torch.clamp(u, min=-bound, max=bound, out=u if out is None else out)
+    # Two in-place passes against the broadcast bound instead of clamp(u, -bound, bound): a tensor-bounded clamp has no
+    # vectorized CPU kernel (8.8 ms vs 1.5 ms on 12 x 1536 x 576 float32, 2 cores; 23 ms when writing into a buffer of
+    # another dtype). Same values, since eps >= 0.
+    torch.minimum(u, bound, out=u)
+    torch.maximum(u, bound.neg(), out=u)
     return eps

@@ -34,17 +34,41 @@ def resolve_ns_dtype(ns_dtype: NsDtype, device: torch.device, dtype: torch.dtype
 
 
 def newton_schulz(x: torch.Tensor, schedule: Schedule) -> torch.Tensor:
-    """Run the quintic iterations of ``schedule`` on a batch ``x`` of shape ``(batch, m, n)``, already normalized.
+    """Run the quintic iterations of ``schedule`` on ``x`` of shape ``(batch, m, n)`` or ``(m, n)``, normalized.
 
-    Each step is ``X <- a X + (b A + c A^2) X`` with ``A = X X^T`` (the Gram matrix on the short side: for tall
-    matrices the same map is computed as ``X <- a X + X (b A + c A^2)`` with ``A = X^T X``, so nothing is transposed).
+    ``x`` may be overwritten. Each step is ``X <- a X + (b A + c A^2) X`` with ``A = X X^T``, the Gram matrix on the
+    short side. A tall matrix (``m > n``) is iterated as its transpose, the same map, and comes back as a transposed
+    view, except in float32 / float64 when ``x`` is contiguous, where the map is computed as
+    ``X <- a X + X (b A + c A^2)`` with ``A = X^T X``. Why: on CPU, bfloat16 GEMMs with a transposed left operand
+    (``X^T X``) run about 3x slower than the wide form (222 ms vs 79 ms for 5 steps on 12 x 1536 x 576, transpose copy
+    included), while float32 GEMMs are layout-insensitive and the tall form saves the copy.
+
+    The Gram matrix, the polynomial and the iterate live in buffers allocated once per call (fresh large buffers at
+    every step cost 10-20% of the bfloat16 iteration on CPU). A batch of one runs as plain 2-D GEMMs: CPU ``bmm``
+    parallelizes over the batch, and a single 2048 x 5440 matrix took 374 ms as a batch of one vs 264 ms as ``mm``.
     """
     tall = x.shape[-2] > x.shape[-1]
+    if tall and (x.dtype in (torch.bfloat16, torch.float16) or x.mT.is_contiguous()):
+        return newton_schulz(x.mT.contiguous(), schedule).mT
+    if not schedule:
+        return x
+    single = x.dim() == 3 and x.shape[0] == 1
+    if single:
+        x = x[0]
+    mm, addmm = (torch.mm, torch.addmm) if x.dim() == 2 else (torch.bmm, torch.baddbmm)
+    k = x.shape[-1] if tall else x.shape[-2]
+    gram = x.new_empty((*x.shape[:-2], k, k))
+    poly = torch.empty_like(gram)
+    y = torch.empty_like(x)
     for a, b, c in schedule:
-        gram = x.mT @ x if tall else x @ x.mT
-        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c)  # b A + c A^2
-        x = torch.baddbmm(x, x, poly, beta=a) if tall else torch.baddbmm(x, poly, x, beta=a)
-    return x
+        mm(x.mT, x, out=gram) if tall else mm(x, x.mT, out=gram)  # A
+        addmm(gram, gram, gram, beta=b, alpha=c, out=poly)  # b A + c A^2
+        if tall:
+            addmm(x, x, poly, beta=a, out=y)  # a X + X (b A + c A^2)
+        else:
+            addmm(x, poly, x, beta=a, out=y)  # a X + (b A + c A^2) X
+        x, y = y, x
+    return x.unsqueeze(0) if single else x
 
 
 def orthogonalize(

@@ -217,29 +217,30 @@ def _orthogonalize_batch(
     adjust_lr_fn: AdjustLrFn,
     diagnostics: dict[str, list[torch.Tensor]] | None,
 ) -> torch.Tensor:
-    """``U_t`` (batch, m, n) -> ``X_K``: clip (-> ``B_t``), cast to the NS dtype, normalize, Newton-Schulz.
+    """``U_t`` (batch, m, n) -> ``X_K``: clip (-> ``B_t``), normalize, cast to the NS dtype, Newton-Schulz.
 
-    ``u`` may be overwritten. Returns the batch in the NS dtype (the work dtype when ``ns_steps == 0``).
+    ``u`` is overwritten. Returns the batch in the NS dtype (the work dtype when ``ns_steps == 0``); tall matrices may
+    come back as a transposed view (see :func:`~root_hf.optim.orthogonalize.newton_schulz`).
     """
     work_dtype = u.dtype
     m, n = u.shape[-2:]
-    x = u if _out_dtype(ns_steps, ns_dtype, u.device, work_dtype) == work_dtype else None
-    if x is None:
-        x = torch.empty_like(u, dtype=_out_dtype(ns_steps, ns_dtype, u.device, work_dtype))
+    x = u
     if clip_quantile is not None:
-        unclipped = u.clone() if diagnostics is not None and x is u else u
-        thresh = soft_threshold_clip_(u, clip_quantile, out=x)  # B_t = U_t - O_t = clamp(U_t, -eps_t, eps_t)
+        unclipped = u.clone() if diagnostics is not None else u
+        thresh = soft_threshold_clip_(u, clip_quantile)  # B_t = U_t - O_t = clamp(U_t, -eps_t, eps_t), in place
         if diagnostics is not None:
             rms = unclipped.square().mean(dim=(1, 2)).sqrt()
             fraction = (unclipped.abs() > thresh.view(-1, 1, 1)).float().mean(dim=(1, 2))
             diagnostics["clip_fraction"].append(fraction)
             diagnostics["eps_over_rms"].append(thresh / rms.clamp(min=torch.finfo(rms.dtype).tiny))
-    elif x is not u:
-        x.copy_(u)
     if ns_steps > 0:
-        norm_dtype = torch.promote_types(x.dtype, work_dtype)
-        norm = torch.linalg.vector_norm(x, dim=(1, 2), keepdim=True, dtype=norm_dtype)
-        x.div_(norm + eps)  # X_0 = B_t / (||B_t||_F + eps)
+        # Normalize in the work dtype (float32 or wider), then cast once: dividing a bfloat16 batch by a float32 norm
+        # is a slow mixed-dtype broadcast on CPU (37 ms vs 3.4 ms on 12 x 1536 x 576), and rounding after the
+        # division is the more accurate order.
+        norm_dtype = torch.promote_types(work_dtype, torch.float32)
+        norm = torch.linalg.vector_norm(u, dim=(1, 2), keepdim=True, dtype=norm_dtype)
+        u.div_(norm + eps)  # X_0 = B_t / (||B_t||_F + eps)
+        x = u.to(_out_dtype(ns_steps, ns_dtype, u.device, work_dtype))
         x = newton_schulz(x, get_schedule(ns_coefficients, (m, n), ns_steps))
     # else: orthogonalization off, the update is the (clipped) momentum itself
     if diagnostics is not None:

@@ -42,6 +42,16 @@ def test_clip_equals_the_soft_threshold_decomposition():
     torch.testing.assert_close(clipped, torch.full_like(clipped, 0.1), atol=0.01, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_clip_equals_torch_clamp_bitwise(dtype):
+    """The in-place minimum/maximum pair gives exactly clamp(U, -eps, eps)."""
+    u = torch.randn(4, 30, 50, dtype=dtype) * torch.logspace(-3, 3, 4, dtype=dtype).view(-1, 1, 1)
+    original = u.clone()
+    eps = soft_threshold_clip_(u, 0.9)
+    bound = eps.view(-1, 1, 1)
+    assert torch.equal(u, torch.clamp(original, min=-bound, max=bound))
+
+
 def test_mostly_zero_matrix_uses_the_quantile_of_its_nonzero_entries():
     u = torch.zeros(1, 50, 40, dtype=torch.float64)
     idx = torch.randperm(2000)[:50]

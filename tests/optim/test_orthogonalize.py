@@ -5,7 +5,7 @@ import torch
 
 from root_hf import orthogonalize
 from root_hf.optim.coefficients import MUON_COEFFICIENTS, composed_polynomial, get_schedule, schedule_band
-from root_hf.optim.orthogonalize import resolve_ns_dtype
+from root_hf.optim.orthogonalize import newton_schulz, resolve_ns_dtype
 from tests.utils import matrix_with_singular_values
 
 
@@ -48,6 +48,32 @@ def test_batched_call_equals_one_matrix_at_a_time():
 def test_tall_input_gives_the_transpose_of_the_wide_result():
     G = torch.randn(24, 40, dtype=torch.float64)
     torch.testing.assert_close(orthogonalize(G.T), orthogonalize(G).T, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_tall_batch_runs_in_the_wide_form_and_matches_float64(dtype):
+    """Tall half-precision batches are iterated as their transposes (the fast layout on CPU): the result is a
+    transposed view of a contiguous wide batch and agrees with the float64 tall iteration to bf16/fp16 rounding."""
+    g = torch.randn(3, 96, 32, dtype=torch.float64)
+    x0 = g / torch.linalg.vector_norm(g, dim=(1, 2), keepdim=True)
+    schedule = get_schedule("muon", (96, 32), 5)
+    got = newton_schulz(x0.to(dtype), schedule)
+    assert got.shape == (3, 96, 32) and got.mT.is_contiguous()
+    expected = newton_schulz(x0.clone(), schedule)
+    assert expected.is_contiguous()  # float64 contiguous tall input keeps the tall form, no transpose
+    torch.testing.assert_close(got.double(), expected, rtol=0, atol=0.05)
+
+
+def test_batch_of_one_equals_the_same_matrix_in_a_larger_batch():
+    """A batch of one runs as 2-D GEMMs (mm/addmm), larger batches as bmm/baddbmm: the same map."""
+    x = torch.randn(4, 24, 40, dtype=torch.float64)
+    x = x / torch.linalg.vector_norm(x, dim=(1, 2), keepdim=True)
+    schedule = get_schedule("adaptive", (24, 40), 5)
+    batched = newton_schulz(x.clone(), schedule)
+    for k in range(4):
+        single = newton_schulz(x[k : k + 1].clone(), schedule)
+        assert single.shape == (1, 24, 40)
+        torch.testing.assert_close(single[0], batched[k], rtol=1e-12, atol=1e-14)
 
 
 def test_zero_matrix_orthogonalizes_to_zero():
