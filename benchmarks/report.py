@@ -657,7 +657,10 @@ def render(studies: dict[str, Any], names: tuple[str, ...], docs: Path, speed_js
         f'quantile + the paper\'s coefficient table (`"root-paper"`). **ROOT** = our defaults (clip 0.90, '
         f'`ns_coefficients="{default_schedule()}"`). In the three matrix optimizers embeddings, LM head, norms '
         "and biases go to ROOT's AdamW branch; Newton-Schulz runs in float32 (the CPU default), 5 steps, Nesterov "
-        'momentum 0.95, `adjust_lr_fn="match_rms_adamw"` (so one lr grid serves every optimizer).',
+        'momentum 0.95, `adjust_lr_fn="match_rms_adamw"` (so one lr grid serves every optimizer). In setting (b) '
+        'the three matrix optimizers orthogonalize both LoRA factors (`lora_policy="both"`); the package default for '
+        'PEFT models is `"b_only"` (A on the AdamW branch), chosen by `benchmarks/lora.py`: see '
+        "[PEFT / LoRA](guides/peft.md#benchmark-smollm2-135m-instruct).",
         "- Verdict rule: a difference of mean final losses counts as a win or a loss only when it is larger than the "
         "larger of the two standard deviations over seeds; otherwise it is reported as within the seed spread. "
         "With 2-3 seeds this is a coarse test, not a significance test.",

@@ -1,12 +1,13 @@
 """The documentation site builds with `mkdocs build --strict` and its examples run."""
 
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.utils import run_markdown_examples
 
 ROOT_DIR = Path(__file__).resolve().parents[1]
 
@@ -29,7 +30,4 @@ def test_docs_site_builds_strictly(tmp_path):
 @pytest.mark.parametrize("page", ["index.md"])
 def test_python_examples_in_docs_run(page):
     """Every ```python block of the page runs, in order, in one namespace."""
-    text = (ROOT_DIR / "docs" / page).read_text()
-    namespace: dict = {}
-    for block in re.findall(r"```python\n(.*?)```", text, flags=re.S):
-        exec(compile(block, f"docs/{page}", "exec"), namespace)
+    run_markdown_examples(ROOT_DIR / "docs" / page)

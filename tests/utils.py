@@ -1,6 +1,9 @@
 """Helpers shared by the tests."""
 
 import functools
+import re
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -19,3 +22,13 @@ def matrix_with_singular_values(m: int, n: int, s: torch.Tensor, seed: int = 0) 
     u, _ = torch.linalg.qr(torch.randn(m, k, generator=g, dtype=torch.float64))
     v, _ = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64))
     return (u * s.to(torch.float64)) @ v.T
+
+
+def run_markdown_examples(path: Path, min_blocks: int = 1) -> dict[str, Any]:
+    """Run every ```python block of the Markdown file ``path``, in order, in one namespace; return the namespace."""
+    blocks = re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.S)
+    assert len(blocks) >= min_blocks, f"{path}: {len(blocks)} python blocks, expected at least {min_blocks}"
+    namespace: dict[str, Any] = {}
+    for block in blocks:
+        exec(compile(block, str(path), "exec"), namespace)
+    return namespace

@@ -3,9 +3,10 @@
 ROOT orthogonalizes the *hidden* weight matrices of a network. Everything else is trained by the AdamW branch of the
 same optimizer: token embeddings and LM / classifier heads (matrices whose rows are looked up or read out one token or
 class at a time, where an orthogonalized update makes no sense), norms, biases and every other 1-D parameter. PEFT
-adds its own roles: ``lora_A`` / ``lora_B`` factors are matrices (ROOT); ``lora_embedding_A/B``, DoRA's
-``lora_magnitude_vector`` and ``modules_to_save`` copies (full trainable copies of, typically, the LM head or a
-classifier) go to AdamW. Frozen parameters (``requires_grad=False``) get no group at all.
+adds its own roles: ``lora_B`` factors are matrices on the ROOT branch and ``lora_A`` factors go to AdamW by default
+(``lora_policy="b_only"``, the measured choice; ``"both"`` puts both factors on ROOT, ``"none"`` neither);
+``lora_embedding_A/B``, DoRA's ``lora_magnitude_vector`` and ``modules_to_save`` copies (full trainable copies of,
+typically, the LM head or a classifier) go to AdamW. Frozen parameters (``requires_grad=False``) get no group at all.
 
 The result is a :class:`ParamRouting`: one :class:`RoutedParam` per trainable parameter with its *role* (what it is)
 and its *branch* (where it goes), from which :meth:`ParamRouting.param_groups` builds the optimizer's groups and
@@ -23,7 +24,21 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-__all__ = ["ALL_LINEAR", "HEAD_MODULE_NAMES", "Branch", "ParamRouting", "Role", "RoutedParam", "route_parameters"]
+from ..optim.root import ADJUST_LR_FNS
+
+__all__ = [
+    "ALL_LINEAR",
+    "DEFAULT_LORA_POLICY",
+    "HEAD_MODULE_NAMES",
+    "LORA_ADJUST_LR_FNS",
+    "LORA_POLICIES",
+    "Branch",
+    "LoraPolicy",
+    "ParamRouting",
+    "Role",
+    "RoutedParam",
+    "route_parameters",
+]
 
 Branch = Literal["root", "adamw"]
 Role = Literal[
@@ -42,6 +57,22 @@ Role = Literal[
 
 # Roles that the default routing sends to the ROOT branch; every other role goes to AdamW.
 ROOT_ROLES: frozenset[str] = frozenset({"hidden_matrix", "lora_A", "lora_B"})
+LORA_ROLES: frozenset[str] = frozenset({"lora_A", "lora_B"})
+
+# Which LoRA factors take the ROOT branch: "both" (lora_A and lora_B), "b_only" (lora_B; lora_A to AdamW, as
+# arXiv 2508.17901 recommends for Muon) or "none" (both factors to AdamW). The default "b_only" is a measured choice
+# (benchmarks/lora.py, SmolLM2-135M-Instruct LoRA, 4 seeds: lowest eval loss at 40 and at 120 steps; at 120 steps
+# 0.025 below "both" at every seed): see docs/guides/peft.md.
+LoraPolicy = Literal["both", "b_only", "none"]
+LORA_POLICIES: tuple[str, ...] = ("both", "b_only", "none")
+DEFAULT_LORA_POLICY: LoraPolicy = "b_only"
+# Update scale of the LoRA factors on the ROOT branch: "inherit" the optimizer's adjust_lr_fn, or set one of ROOT's.
+LORA_ADJUST_LR_FNS: tuple[str | None, ...] = ("inherit", *ADJUST_LR_FNS)
+_LORA_POLICY_ROOT_ROLES: dict[str, frozenset[str]] = {
+    "both": frozenset({"lora_A", "lora_B"}),
+    "b_only": frozenset({"lora_B"}),
+    "none": frozenset(),
+}
 
 # Leaf module names of output heads that models do not report through ``get_output_embeddings()``: GPT-NeoX's
 # ``embed_out``, the sequence-classification ``score`` (Llama, Mistral, ...), ``classifier`` (BERT family) and
@@ -87,11 +118,13 @@ class ParamRouting:
         params: one :class:`RoutedParam` per trainable parameter, in ``named_parameters()`` order.
         frozen: names of the parameters left out because they do not require grad.
         target_modules: the ``target_modules`` override that produced this routing, or None (routing by role).
+        lora_policy: which LoRA factors were allowed on the ROOT branch (see :data:`LoraPolicy`).
     """
 
     params: list[RoutedParam]
     frozen: list[str] = field(default_factory=list)
     target_modules: str | list[str] | None = None
+    lora_policy: LoraPolicy = DEFAULT_LORA_POLICY
 
     def branch(self, branch: Branch) -> list[RoutedParam]:
         """The parameters routed to ``branch`` (``"root"`` or ``"adamw"``)."""
@@ -126,6 +159,8 @@ class ParamRouting:
             parts.append(f"frozen: {len(self.frozen)} tensors")
         if self.target_modules is not None:
             parts.append(f"target_modules={self.target_modules!r}")
+        if any(r.role in LORA_ROLES for r in self.params):
+            parts.append(f"lora_policy={self.lora_policy!r}")
         return "; ".join(parts)
 
     def param_groups(
@@ -134,20 +169,35 @@ class ParamRouting:
         weight_decay: float | None = None,
         adamw_lr: float | None = None,
         adamw_weight_decay: float | None = None,
+        lora_adjust_lr_fn: str | None = "inherit",
     ) -> list[dict[str, Any]]:
-        """Param groups for :class:`~root_hf.ROOT`: ROOT matrices, AdamW with decay, AdamW without decay.
+        """Param groups for :class:`~root_hf.ROOT`: ROOT matrices, ROOT LoRA factors, AdamW with and without decay.
 
         Args:
             weight_decay: decay of the ROOT branch and of the AdamW parameters that decay (default: the optimizer's).
             adamw_lr: a separate learning rate for the AdamW branch (default: the optimizer's ``lr``).
             adamw_weight_decay: a separate decay for the AdamW parameters that decay (default: ``weight_decay``).
+            lora_adjust_lr_fn: scale of the orthogonalized update of the LoRA factors on the ROOT branch:
+                ``"inherit"`` (default: the optimizer's ``adjust_lr_fn``), or one of ROOT's ``adjust_lr_fn`` values
+                (``"match_rms_adamw"``, ``"original"``, None), set on their groups.
 
-        Empty groups are left out. Groups carry plain values only, so ``torch.load(weights_only=True)`` reloads them.
+        LoRA factors on the ROOT branch get groups of their own, after those of the other matrices, so that they can
+        carry their own settings. Empty groups are left out. Groups carry plain values only, so
+        ``torch.load(weights_only=True)`` reloads them.
         """
+        if lora_adjust_lr_fn not in LORA_ADJUST_LR_FNS:
+            raise ValueError(f"Invalid lora_adjust_lr_fn: {lora_adjust_lr_fn!r}. Must be one of {LORA_ADJUST_LR_FNS}.")
         groups: list[dict[str, Any]] = []
         adamw_decay = weight_decay if adamw_weight_decay is None else adamw_weight_decay
-        for branch, decay in (("root", True), ("root", False), ("adamw", True), ("adamw", False)):
-            params = [r.param for r in self.params if r.branch == branch and r.decay == decay]
+        # (branch, LoRA factors or not, decay); the AdamW branch does not separate LoRA factors.
+        kinds = [("root", False, True), ("root", False, False), ("root", True, True), ("root", True, False)]
+        kinds += [("adamw", None, True), ("adamw", None, False)]
+        for branch, lora, decay in kinds:
+            params = [
+                r.param
+                for r in self.params
+                if r.branch == branch and r.decay == decay and lora in (None, r.role in LORA_ROLES)
+            ]
             if not params:
                 continue
             group: dict[str, Any] = {"params": params, "use_root": branch == "root"}
@@ -158,6 +208,8 @@ class ParamRouting:
                 group["weight_decay"] = wd
             if branch == "adamw" and adamw_lr is not None:
                 group["lr"] = adamw_lr
+            if lora and lora_adjust_lr_fn != "inherit":
+                group["adjust_lr_fn"] = lora_adjust_lr_fn
             groups.append(group)
         return groups
 
@@ -250,13 +302,15 @@ def route_parameters(
     target_modules: str | Sequence[str] | None = None,
     *,
     decay_parameter_names: Collection[str] | None = None,
+    lora_policy: LoraPolicy = DEFAULT_LORA_POLICY,
 ) -> ParamRouting:
     """Route the trainable parameters of ``model`` between the ROOT and AdamW branches.
 
-    By default routing is by role: hidden weight matrices and LoRA ``lora_A`` / ``lora_B`` factors go to ROOT;
-    token embeddings, the LM head (tied or not; found with ``get_input_embeddings()`` / ``get_output_embeddings()``
-    when the model has them, else by type and name), classifier heads, norms, biases, other 1-D parameters, PEFT
-    ``lora_embedding_A/B``, DoRA magnitudes and ``modules_to_save`` copies go to AdamW.
+    By default routing is by role: hidden weight matrices and the LoRA factors that ``lora_policy`` allows (by
+    default ``lora_B`` only) go to ROOT; token embeddings, the LM head (tied or not; found with
+    ``get_input_embeddings()`` / ``get_output_embeddings()`` when the model has them, else by type and name),
+    classifier heads, norms, biases, other 1-D parameters, PEFT ``lora_embedding_A/B``, DoRA magnitudes and
+    ``modules_to_save`` copies go to AdamW.
 
     Args:
         model: any ``nn.Module`` (a ``transformers`` model, a PEFT model, a plain torch model).
@@ -266,6 +320,8 @@ def route_parameters(
             as ``TrainingArguments.optim_target_modules``. Matching parameters with fewer than 2 dims stay in AdamW.
         decay_parameter_names: names of the parameters that get weight decay (e.g. ``Trainer.get_decay_parameter_
             names(model)``); default: every parameter except biases and norm parameters.
+        lora_policy: which PEFT LoRA factors may take the ROOT branch: ``"b_only"`` (default: ``lora_B`` to ROOT,
+            ``lora_A`` to AdamW), ``"both"`` or ``"none"`` (both to AdamW). Applies after ``target_modules`` too.
 
     Returns:
         A :class:`ParamRouting`.
@@ -279,6 +335,9 @@ def route_parameters(
         ['0.weight']
     """
     target_modules = _validate_target_modules(target_modules)
+    if lora_policy not in LORA_POLICIES:
+        raise ValueError(f"Invalid lora_policy: {lora_policy!r}. Must be one of {LORA_POLICIES}.")
+    lora_to_root = _LORA_POLICY_ROOT_ROLES[lora_policy]
     owners: dict[str, nn.Module] = {}
     for module_name, module in model.named_modules(remove_duplicate=False):
         for param_name, _ in module.named_parameters(recurse=False, remove_duplicate=False):
@@ -302,9 +361,11 @@ def route_parameters(
             to_root = isinstance(module, nn.Linear) and role not in ("lm_head", "modules_to_save")
         else:
             to_root = _module_matches(target_modules, name.rsplit(".", 1)[0] if "." in name else "")
+        if role in LORA_ROLES and role not in lora_to_root:
+            to_root = False
         if decay_names is not None:
             decay = name in decay_names
         else:
             decay = role not in ("norm", "bias")
         routed.append(RoutedParam(name, param, role, "root" if to_root else "adamw", decay))
-    return ParamRouting(routed, frozen, target_modules)
+    return ParamRouting(routed, frozen, target_modules, lora_policy)

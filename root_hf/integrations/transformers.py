@@ -11,10 +11,11 @@ Four ways to train with ROOT, from the most to the least integrated:
 4. :func:`create_root_optimizer`: builds the optimizer from a model (and optionally ``TrainingArguments``), for
    ``Trainer(optimizers=(opt, None))`` or a custom loop.
 
-All of them route parameters with :func:`root_hf.integrations.routing.route_parameters` (hidden matrices to ROOT;
-embeddings, LM head, norms, biases, PEFT extras to AdamW, or ``optim_target_modules``), log a one-line routing
-summary, honour ``learning_rate``, ``weight_decay``, ``adam_beta1/2`` and ``adam_epsilon``, and refuse setups that hand
-the optimizer flattened parameters (DeepSpeed ZeRO, FSDP1).
+All of them route parameters with :func:`root_hf.integrations.routing.route_parameters` (hidden matrices and PEFT
+LoRA factors to ROOT, as ``lora_policy`` allows: ``lora_B`` only by default; embeddings, LM head, norms, biases, PEFT
+extras to AdamW; or ``optim_target_modules``), train PEFT models' adapters only (frozen weights get no state), log a
+one-line routing summary, honour ``learning_rate``, ``weight_decay``, ``adam_beta1/2`` and ``adam_epsilon``, and refuse
+setups that hand the optimizer flattened parameters (DeepSpeed ZeRO, FSDP1).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from ..optim.orthogonalize import NS_DTYPES
 from ..optim.root import ADJUST_LR_FNS, NONFINITE_MODES, ROOT
 from ._registration import OPTIM_NAME, register_root_optimizer
 from .callbacks import add_root_diagnostics
-from .routing import route_parameters
+from .routing import DEFAULT_LORA_POLICY, LORA_ADJUST_LR_FNS, LORA_POLICIES, route_parameters
 
 __all__ = [
     "OPTIM_ARGS",
@@ -159,6 +160,14 @@ OPTIM_ARGS: dict[str, OptimArg] = {
         "an integer >= 0 (0: off)",
         "log ROOT diagnostics every N optimizer steps (default: logging_steps)",
     ),
+    "lora_policy": OptimArg(
+        _choice(LORA_POLICIES), f"one of {', '.join(LORA_POLICIES)}", "which PEFT LoRA factors take the ROOT branch"
+    ),
+    "lora_adjust_lr_fn": OptimArg(
+        _choice(LORA_ADJUST_LR_FNS),
+        "inherit, match_rms_adamw, original or none",
+        "scale of the LoRA factors' orthogonalized update (default: inherit adjust_lr_fn)",
+    ),
 }
 
 # Keyword arguments of create_root_optimizer / RootOptimizerFactory beyond ROOT's own.
@@ -185,6 +194,8 @@ _EXTRA_KWARGS = (
     "target_modules",
     "decay_parameter_names",
     "diagnostics_steps",
+    "lora_policy",
+    "lora_adjust_lr_fn",
 )
 
 
@@ -335,8 +346,12 @@ def create_root_optimizer(model: nn.Module, args: Any | None = None, **overrides
         **overrides: win over ``args``: any ROOT argument (``lr``, ``weight_decay``, ``momentum``, ``nesterov``,
             ``clip_quantile``, ``ns_steps``, ``ns_coefficients``, ``eps``, ``adjust_lr_fn``, ``ns_dtype``, ``betas``,
             ``adamw_eps``, ``nonfinite_grads``), and ``adamw_beta1``, ``adamw_beta2``, ``adamw_lr``,
-            ``adamw_weight_decay``, ``target_modules`` (as ``optim_target_modules``), ``decay_parameter_names``
-            and ``diagnostics_steps`` (read by :class:`~root_hf.RootDiagnosticsCallback`).
+            ``adamw_weight_decay``, ``target_modules`` (as ``optim_target_modules``), ``decay_parameter_names``,
+            ``diagnostics_steps`` (read by :class:`~root_hf.RootDiagnosticsCallback`), and for PEFT models
+            ``lora_policy`` (``"b_only"``, the default, ``"both"`` or ``"none"``: which LoRA factors take the ROOT
+            branch) and
+            ``lora_adjust_lr_fn`` (``"inherit"`` or an ``adjust_lr_fn`` value for the LoRA factors); see
+            ``docs/guides/peft.md``.
 
     Returns:
         The optimizer, with ``routing_summary`` (the logged line) and ``diagnostics_steps`` attributes.
@@ -370,11 +385,17 @@ def create_root_optimizer(model: nn.Module, args: Any | None = None, **overrides
     ):
         raise ValueError(f"Invalid diagnostics_steps: {diagnostics_steps!r}. Must be an integer >= 0 (0: off).")
 
-    routing = route_parameters(model, target_modules, decay_parameter_names=decay_names)
+    lora_policy = kwargs.pop("lora_policy", DEFAULT_LORA_POLICY)
+    lora_adjust_lr_fn = kwargs.pop("lora_adjust_lr_fn", "inherit")
+
+    routing = route_parameters(model, target_modules, decay_parameter_names=decay_names, lora_policy=lora_policy)
     if not routing.params:
         raise ValueError("create_root_optimizer: the model has no trainable parameters (all require_grad=False).")
     groups = routing.param_groups(
-        weight_decay=kwargs.get("weight_decay"), adamw_lr=adamw_lr, adamw_weight_decay=adamw_weight_decay
+        weight_decay=kwargs.get("weight_decay"),
+        adamw_lr=adamw_lr,
+        adamw_weight_decay=adamw_weight_decay,
+        lora_adjust_lr_fn=lora_adjust_lr_fn,
     )
     optimizer = ROOT(groups, betas=betas, **kwargs)
     optimizer.routing_summary = routing.summary()  # type: ignore[attr-defined]

@@ -49,7 +49,7 @@ def test_explicit_decay_names_override_the_default(make_model):
     assert [r.name for r in routing.params if r.decay] == ["model.norm.weight"]
 
 
-def test_peft_roles_lora_to_root_and_peft_extras_to_adamw(make_model):
+def test_peft_roles_by_default_lora_b_to_root_lora_a_and_peft_extras_to_adamw(make_model):
     peft = pytest.importorskip("peft")
     config = peft.LoraConfig(
         r=4, target_modules=["q_proj", "v_proj", "embed_tokens"], modules_to_save=["lm_head"], use_dora=True
@@ -61,7 +61,8 @@ def test_peft_roles_lora_to_root_and_peft_extras_to_adamw(make_model):
     assert set(routing.frozen) == {n for n, p in model.named_parameters() if not p.requires_grad}
     for name, r in by_name.items():
         if ".lora_A." in name or ".lora_B." in name:
-            expected = ("lora_A" if ".lora_A." in name else "lora_B", "root")
+            # the default lora_policy "b_only": lora_B orthogonalized, lora_A on the AdamW branch
+            expected = ("lora_A", "adamw") if ".lora_A." in name else ("lora_B", "root")
         elif "lora_embedding_" in name:
             expected = ("lora_embedding", "adamw")
         elif "lora_magnitude_vector" in name:
@@ -176,3 +177,36 @@ def test_summary_counts_tensors_and_parameters_per_branch(make_model):
         f"ROOT: 14 tensors / {root_numel:,} params (hidden_matrix 14); "
         "AdamW: 7 tensors / 8,352 params (embedding 1, norm 5, lm_head 1)"
     )
+
+
+def test_param_groups_put_root_lora_factors_in_groups_of_their_own_that_carry_lora_adjust_lr_fn(make_model):
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(make_model(), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    hidden = model.get_base_model().model.layers[0].mlp.down_proj.weight
+    hidden.requires_grad_(True)  # a base matrix trained in full next to the adapters
+    decay = [n for n, _ in model.named_parameters()]
+    routing = route_parameters(model, decay_parameter_names=decay, lora_policy="both")
+    groups = routing.param_groups(weight_decay=0.1, lora_adjust_lr_fn="original")
+    assert [(g["use_root"], len(g["params"]), g.get("adjust_lr_fn", "-")) for g in groups] == [
+        (True, 1, "-"),  # the hidden matrix keeps the optimizer's adjust_lr_fn
+        (True, 8, "original"),  # lora_A and lora_B of q_proj and v_proj in 2 layers
+    ]
+    assert groups[0]["params"][0] is hidden
+    inherit = routing.param_groups(weight_decay=0.1)
+    assert all("adjust_lr_fn" not in g for g in inherit)
+    with pytest.raises(ValueError, match=r"Invalid lora_adjust_lr_fn: 'sqrt'\. Must be one of"):
+        routing.param_groups(lora_adjust_lr_fn="sqrt")
+
+
+@pytest.mark.parametrize(
+    ("policy", "root_roles"), [("both", {"lora_A", "lora_B"}), ("b_only", {"lora_B"}), ("none", set())]
+)
+def test_lora_policy_routes_the_factors_and_nothing_else(make_model, policy, root_roles):
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(
+        make_model(), peft.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    )
+    routing = route_parameters(model, lora_policy=policy)
+    assert {r.role for r in routing.branch("root")} == root_roles
+    assert routing.lora_policy == policy
+    assert {r.role for r in routing.params} == {"lora_A", "lora_B", "modules_to_save"}

@@ -8,7 +8,6 @@ import importlib
 import logging
 import os
 import pickle
-import re
 import subprocess
 import sys
 import textwrap
@@ -28,6 +27,7 @@ import root_hf  # noqa: E402
 from root_hf import ROOT, RootOptimizerFactory, RootTrainer, create_root_optimizer, parse_root_optim_args  # noqa: E402
 from root_hf.integrations import _registration  # noqa: E402
 from root_hf.integrations.transformers import OPTIM_ARGS, check_root_compatible  # noqa: E402
+from tests.utils import run_markdown_examples  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 HIDDEN = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -215,16 +215,27 @@ OPTIM_ARGS_CASES = [
     ("adamw_weight_decay=0.3", "adamw_decay", "weight_decay", 0.3),
     ("nonfinite_grads=skip", "optimizer", "nonfinite_grads", "skip"),
     ("diagnostics_steps=5", "optimizer", "diagnostics_steps", 5),
+    # on a PEFT model (LoRA on q_proj and v_proj): "lora" = the groups of the LoRA factors on the ROOT branch
+    ("lora_policy=b_only", "optimizer", "routing_summary", "lora_policy='b_only'"),
+    ("lora_adjust_lr_fn=original", "lora", "adjust_lr_fn", "original"),
+    ("lora_adjust_lr_fn=none", "lora", "adjust_lr_fn", None),
+    ("lora_adjust_lr_fn=inherit,adjust_lr_fn=original", "lora", "adjust_lr_fn", "original"),
 ]
 
 
 @pytest.mark.parametrize(("optim_args", "where", "key", "expected"), OPTIM_ARGS_CASES)
 def test_optim_args_keys_reach_the_optimizer(make_model, make_args, optim_args, where, key, expected):
-    optimizer = create_root_optimizer(make_model(), make_args(optim="root", weight_decay=0.1, optim_args=optim_args))
+    model = make_model()
+    if optim_args.startswith("lora_"):
+        peft = pytest.importorskip("peft")
+        model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    optimizer = create_root_optimizer(model, make_args(optim="root", weight_decay=0.1, optim_args=optim_args))
     if where == "optimizer":
-        assert getattr(optimizer, key) == expected
+        value = getattr(optimizer, key)
+        assert expected in value if isinstance(value, str) else value == expected
         return
     groups = {
+        "lora": [g for g in optimizer.param_groups if g["use_root"]],  # only LoRA factors are trainable
         "root": [g for g in optimizer.param_groups if g["use_root"]],
         "adamw": [g for g in optimizer.param_groups if not g["use_root"]],
         "adamw_decay": [g for g in optimizer.param_groups if not g["use_root"] and g["weight_decay"] != 0],
@@ -262,6 +273,8 @@ def test_unknown_optim_args_key_raises_value_error_naming_the_valid_keys(make_mo
         ("adamw_eps=-1", ">= 0"),
         ("nonfinite_grads=warn", "raise"),
         ("diagnostics_steps=-2", ">= 0"),
+        ("lora_policy=a_only", "b_only"),
+        ("lora_adjust_lr_fn=spectral", "inherit"),
         ("momentum", "key=value"),
     ],
 )
@@ -551,12 +564,7 @@ def test_trainer_guide_examples_run(capsys):
     """Every ```python block of docs/guides/trainer.md runs, in order, in one namespace."""
     pytest.importorskip("trl")
     pytest.importorskip("datasets")
-    text = (REPO / "docs" / "guides" / "trainer.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
-    assert len(blocks) >= 8
-    namespace: dict = {}
-    for block in blocks:
-        exec(compile(block, "docs/guides/trainer.md", "exec"), namespace)
+    namespace = run_markdown_examples(REPO / "docs" / "guides" / "trainer.md", min_blocks=8)
     assert "Unknown optim_args key 'clip_quantlie'" in capsys.readouterr().out
     assert isinstance(namespace["sft"].optimizer.optimizer, ROOT)
 
