@@ -7,6 +7,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -116,3 +117,11 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], steps: int, warmup
             fn()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def encode_chat_pair(tokenizer: Any, row: dict[str, str], max_len: int) -> tuple[list[int], list[int]]:
+    """A question/answer pair as SmolLM2's ChatML without a system prompt: (input ids, labels), labels -100 on the
+    prompt so that the loss is the answer's only, both cut to ``max_len`` tokens."""
+    prompt = tokenizer(f"<|im_start|>user\n{row['question']}<|im_end|>\n<|im_start|>assistant\n")["input_ids"]
+    answer = tokenizer(f"{row['answer']}<|im_end|>")["input_ids"]
+    return (prompt + answer)[:max_len], ([-100] * len(prompt) + answer)[:max_len]

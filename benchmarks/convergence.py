@@ -49,7 +49,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import library_versions, machine_dict
+from benchmarks.common import encode_chat_pair, library_versions, machine_dict
 from root_hf import ROOT, get_schedule
 from root_hf.optim import coefficients
 
@@ -324,12 +324,7 @@ class LoraSFT(Task):
         self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
     def _encode(self, row: dict[str, str]) -> tuple[list[int], list[int]]:
-        tok = self.tokenizer
-        prompt = tok(f"<|im_start|>user\n{row['question']}<|im_end|>\n<|im_start|>assistant\n")["input_ids"]
-        answer = tok(f"{row['answer']}<|im_end|>")["input_ids"]
-        ids = (prompt + answer)[: self.setting.seq_len]
-        labels = ([-100] * len(prompt) + answer)[: self.setting.seq_len]
-        return ids, labels
+        return encode_chat_pair(self.tokenizer, row, self.setting.seq_len)
 
     def _collate(self, items: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
         width = max(len(ids) for ids, _ in items)

@@ -21,8 +21,9 @@ warm-up over the first 10% of steps, then cosine decay to 0), weight decay 0 (PE
 - ``Muon-style``: ROOT with both of ROOT's features off (``clip_quantile=None, ns_coefficients="muon"``), i.e.
   ``torch.optim.Muon``'s fixed Newton-Schulz polynomial and no clip, through the same code path and the same
   matched-RMS update scale as ROOT, so that only the clip and the coefficients differ. Both factors on the ROOT branch.
-- ``ROOT both``: ``create_root_optimizer(model, lr=...)`` with the package defaults (``lora_policy="both"``).
-- ``ROOT b_only``: ``lora_policy="b_only"``: ``lora_B`` orthogonalized, ``lora_A`` on ROOT's AdamW branch.
+- ``ROOT both``: ``create_root_optimizer(model, lr=..., lora_policy="both")``, otherwise the package defaults.
+- ``ROOT b_only``: ``lora_policy="b_only"`` (the package default, chosen from this study): ``lora_B``
+  orthogonalized, ``lora_A`` on ROOT's AdamW branch.
 - ``ROOT both, original``: as ``ROOT both`` with ``lora_adjust_lr_fn="original"`` (Keller Jordan's
   ``sqrt(max(1, m/n))``: ``lora_B`` (out x r) gets ``sqrt(out/r)``, ``lora_A`` (r x in) gets 1): the alternative
   update scale for r x d factors, against the default matched-RMS ``0.2 sqrt(max(m, n))``.
@@ -69,7 +70,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import library_versions, machine_dict
+from benchmarks.common import encode_chat_pair, library_versions, machine_dict
 from root_hf import ROOT, create_root_optimizer
 from root_hf.optim.coefficients import DEFAULT_SCHEDULE
 
@@ -105,12 +106,13 @@ class Setting:
 QUICK = Setting(steps=6, batch_size=4, eval_size=16, eval_every=3, lora_layers=2, seeds=(0,), max_extra_lrs=0)
 
 # name -> how to build the optimizer: "adamw", or keyword arguments of create_root_optimizer.
+# Every setting that differs between configurations is spelled out, so that no run depends on a package default.
 CONFIGS: dict[str, dict[str, Any]] = {
     "AdamW": {"kind": "adamw"},
-    "Muon-style": {"kind": "root", "clip_quantile": None, "ns_coefficients": "muon"},
-    "ROOT both": {"kind": "root"},
+    "Muon-style": {"kind": "root", "clip_quantile": None, "ns_coefficients": "muon", "lora_policy": "both"},
+    "ROOT both": {"kind": "root", "lora_policy": "both"},
     "ROOT b_only": {"kind": "root", "lora_policy": "b_only"},
-    "ROOT both, original": {"kind": "root", "lora_adjust_lr_fn": "original"},
+    "ROOT both, original": {"kind": "root", "lora_policy": "both", "lora_adjust_lr_fn": "original"},
 }
 DEFAULT_CONFIGS = ("AdamW", "Muon-style", "ROOT both", "ROOT b_only")
 
@@ -143,12 +145,7 @@ class LoraTask:
         self.base_eval = self.evaluate(self.build(seed=0))  # B = 0: every run starts from the base model's loss
 
     def _encode(self, row: dict[str, str]) -> tuple[list[int], list[int]]:
-        tok = self.tokenizer
-        prompt = tok(f"<|im_start|>user\n{row['question']}<|im_end|>\n<|im_start|>assistant\n")["input_ids"]
-        answer = tok(f"{row['answer']}<|im_end|>")["input_ids"]
-        ids = (prompt + answer)[: self.setting.max_len]
-        labels = ([-100] * len(prompt) + answer)[: self.setting.max_len]
-        return ids, labels
+        return encode_chat_pair(self.tokenizer, row, self.setting.max_len)
 
     def _base_model(self) -> torch.nn.Module:
         from transformers import AutoModelForCausalLM
