@@ -61,11 +61,13 @@ def newton_schulz(x: torch.Tensor, schedule: Schedule) -> torch.Tensor:
     poly = torch.empty_like(gram)
     y = torch.empty_like(x)
     for a, b, c in schedule:
-        mm(x.mT, x, out=gram) if tall else mm(x, x.mT, out=gram)  # A
-        addmm(gram, gram, gram, beta=b, alpha=c, out=poly)  # b A + c A^2
-        if tall:
+        if tall:  # float32 / float64 only (see above)
+            mm(x.mT, x, out=gram)  # A = X^T X
+            addmm(gram, gram, gram, beta=b, alpha=c, out=poly)  # b A + c A^2
             addmm(x, x, poly, beta=a, out=y)  # a X + X (b A + c A^2)
         else:
+            mm(x, x.mT, out=gram)  # A = X X^T
+            addmm(gram, gram, gram, beta=b, alpha=c, out=poly)
             addmm(x, poly, x, beta=a, out=y)  # a X + (b A + c A^2) X
         x, y = y, x
     return x.unsqueeze(0) if single else x
