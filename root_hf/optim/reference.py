@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from torch.optim.optimizer import Optimizer, ParamsT
 
-from .coefficients import DEFAULT_SCHEDULE, ScheduleSpec, get_schedule
+from .coefficients import ScheduleSpec, get_schedule
+from .hyperparams import DEFAULTS, validate_group
 
 __all__ = ["RootReference"]
 
@@ -75,19 +76,20 @@ class RootReference(Optimizer):
     def __init__(
         self,
         params: ParamsT,
-        lr: float = 1e-3,
-        weight_decay: float = 0.1,
-        momentum: float = 0.95,
-        nesterov: bool = True,
-        clip_quantile: float | None = 0.90,
-        ns_steps: int = 5,
-        ns_coefficients: ScheduleSpec = DEFAULT_SCHEDULE,
-        eps: float = 1e-7,
-        adjust_lr_fn: str | None = "match_rms_adamw",
-        betas: tuple[float, float] = (0.9, 0.95),
-        adamw_eps: float = 1e-8,
+        lr: float = DEFAULTS["lr"],
+        weight_decay: float = DEFAULTS["weight_decay"],
+        momentum: float = DEFAULTS["momentum"],
+        nesterov: bool = DEFAULTS["nesterov"],
+        clip_quantile: float | None = DEFAULTS["clip_quantile"],
+        ns_steps: int = DEFAULTS["ns_steps"],
+        ns_coefficients: ScheduleSpec = DEFAULTS["ns_coefficients"],
+        eps: float = DEFAULTS["eps"],
+        adjust_lr_fn: str | None = DEFAULTS["adjust_lr_fn"],
+        betas: tuple[float, float] = DEFAULTS["betas"],
+        adamw_eps: float = DEFAULTS["adamw_eps"],
     ) -> None:
         defaults = dict(
+            DEFAULTS,
             lr=lr,
             weight_decay=weight_decay,
             momentum=momentum,
@@ -99,22 +101,15 @@ class RootReference(Optimizer):
             adjust_lr_fn=adjust_lr_fn,
             betas=betas,
             adamw_eps=adamw_eps,
-            use_root=None,
-            matrix_view="flatten",
-            matrix_split=None,
         )
+        validate_group(defaults)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """A group without ``use_root`` is split by ndim, as in :class:`root_hf.ROOT`."""
-        if param_group.get("use_root", self.defaults["use_root"]) is None:
-            params = list(param_group["params"])
-            for flag in (True, False):
-                members = [p for p in params if (p.dim() >= 2) == flag]
-                if members:
-                    super().add_param_group({**param_group, "params": members, "use_root": flag})
-            return
+        """Add a group, validated against the hyperparameter table (as `root_hf.ROOT`)."""
+        validate_group({**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}})
         super().add_param_group(param_group)
+        validate_group(self.param_groups[-1])
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
@@ -127,7 +122,8 @@ class RootReference(Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                if group["use_root"]:
+                use_root = group["use_root"]
+                if p.dim() >= 2 if use_root is None else use_root:  # the branch, per parameter
                     self._root_step(p, group)
                 else:
                     self._adamw_step(p, group)
