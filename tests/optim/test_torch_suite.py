@@ -23,11 +23,16 @@ import pickle
 import re
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from torch.nn import Parameter
+
+if __name__ == "__main__":  # run as a script: import this checkout's root_hf, as pytest's pythonpath=["."] does
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
 from torch.optim.lr_scheduler import LambdaLR, ReduceLROnPlateau, StepLR
 
 pytest.importorskip("expecttest", reason="torch.testing._internal needs expecttest (pip install expecttest)")
