@@ -257,9 +257,9 @@ def assert_equal(actual: Any, expected: Any, msg: str = "") -> None:
     if isinstance(expected, torch.Tensor):
         torch.testing.assert_close(actual, expected, rtol=0, atol=0, equal_nan=True, msg=msg or None)
     elif isinstance(expected, dict):
-        assert isinstance(actual, dict) and set(actual) == set(expected), (
-            f"{msg} keys {set(actual)} != {set(expected)}"
-        )
+        assert isinstance(actual, dict), f"{msg}: {type(actual).__name__} is not a dict"
+        extra, missing = sorted(set(actual) - set(expected), key=str), sorted(set(expected) - set(actual), key=str)
+        assert not extra and not missing, f"{msg} keys differ: {extra} only in actual, {missing} only in expected"
         for key in expected:
             assert_equal(actual[key], expected[key], f"{msg}[{key!r}]")
     elif isinstance(expected, (list, tuple)):
