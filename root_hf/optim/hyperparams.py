@@ -224,13 +224,13 @@ HYPERPARAMS: dict[str, Hyperparam] = {
     hp.name: hp
     for hp in (
         Hyperparam(
-            "lr", 1e-3, _NONNEG, _text_number(_NONNEG), "a finite float >= 0", "learning rate of both branches"
-        ),
+            "lr", 1e-3, _NONNEG, None, "a finite float >= 0", "learning rate of both branches"
+        ),  # lr and weight_decay come from TrainingArguments (learning_rate, weight_decay), not from optim_args
         Hyperparam(
             "weight_decay",
             0.1,
             _NONNEG,
-            _text_number(_NONNEG),
+            None,
             "a finite float >= 0",
             "decoupled weight decay, applied as W *= 1 - lr * weight_decay",
         ),
@@ -238,14 +238,14 @@ HYPERPARAMS: dict[str, Hyperparam] = {
             "momentum", 0.95, _UNIT, _text_number(_UNIT), "a float in [0, 1)", "momentum mu of the ROOT branch"
         ),
         Hyperparam(
-            "nesterov", True, _boolean, _text_bool, "True or False", "Nesterov direction U = G + mu M (ROOT branch)"
+            "nesterov", True, _boolean, _text_bool, "true or false", "Nesterov direction U = G + mu M (ROOT branch)"
         ),
         Hyperparam(
             "clip_quantile",
             0.90,
             _number(0.0, 1.0, low_open=True, high_open=False, none=True),
             _text_number(_number(0.0, 1.0, low_open=True, high_open=False), none=True),
-            "a float in (0, 1], or None (outlier clipping off)",
+            "a float in (0, 1], or none (outlier clipping off)",
             "quantile level q of the outlier soft-threshold",
         ),
         Hyperparam(
