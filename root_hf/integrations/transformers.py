@@ -31,9 +31,9 @@ import torch
 from torch import nn
 from transformers import Trainer
 
-from ..optim.coefficients import SCHEDULE_NAMES
 from ..optim.orthogonalize import NS_DTYPES
 from ..optim.root import ADJUST_LR_FNS, NONFINITE_MODES, ROOT
+from ..schedules import SCHEDULE_NAMES
 from ._registration import OPTIM_NAME, register_root_optimizer
 from .callbacks import add_root_diagnostics
 from .routing import DEFAULT_LORA_POLICY, LORA_ADJUST_LR_FNS, LORA_POLICIES, route_parameters

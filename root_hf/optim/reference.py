@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch.optim.optimizer import Optimizer, ParamsT
 
-from .coefficients import DEFAULT_SCHEDULE, ScheduleSpec, get_schedule
+from ..schedules import DEFAULT_SCHEDULE, ScheduleSpec, get_schedule
 from .root import AdjustLrFn, adjusted_lr_ratio
 
 __all__ = ["RootReference"]

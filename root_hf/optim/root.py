@@ -18,8 +18,8 @@ import torch
 from torch.optim.optimizer import Optimizer, ParamsT
 
 from ..distributed import assign_owners, local_tensor, plan_for, shape_2d
+from ..schedules import DEFAULT_SCHEDULE, ScheduleSpec, get_schedule, normalize_schedule_spec
 from .clip import soft_threshold_clip_
-from .coefficients import DEFAULT_SCHEDULE, ScheduleSpec, get_schedule, normalize_schedule_spec
 from .orthogonalize import NsDtype, newton_schulz, resolve_ns_dtype
 
 __all__ = ["ADJUST_LR_FNS", "ROOT", "adamw", "adjusted_lr_ratio", "root"]

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from root_hf import orthogonalize
-from root_hf.optim.coefficients import MUON_COEFFICIENTS, composed_polynomial, get_schedule, schedule_band
 from root_hf.optim.orthogonalize import newton_schulz, resolve_ns_dtype
+from root_hf.schedules import MUON_COEFFICIENTS, composed_polynomial, get_schedule, schedule_band
 from tests.utils import matrix_with_singular_values
 
 
