@@ -119,7 +119,7 @@ def test_resolution_after_the_first_call_is_a_cache_hit(monkeypatch):
 
 
 def test_explicit_schedules_remain_selectable():
-    triple = (3.0, -3.0, 1.0)
+    triple = (2.0, -1.5, 0.5)
     assert get_schedule(triple, (8, 8), 3) == (triple,) * 3
     steps = [(3.0, -3.2, 1.2), (2.0, -1.5, 0.5)]
     assert get_schedule(steps, (8, 8), 2) == tuple(steps)
