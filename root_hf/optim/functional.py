@@ -23,8 +23,8 @@ from typing import Any, Literal
 
 import torch
 
+from ..schedules import Schedule, ScheduleSpec, get_schedule
 from .clip import soft_threshold_clip_
-from .coefficients import Schedule, ScheduleSpec, get_schedule
 from .distributed import DistributedPlan, assign_owners, local_tensor, plan_for
 from .hyperparams import ADJUST_LR_FNS
 from .newton_schulz import NsDtype, newton_schulz, resolve_ns_dtype

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch.optim.optimizer import Optimizer, ParamsT
 
-from .coefficients import ScheduleSpec, get_schedule
+from ..schedules import ScheduleSpec, get_schedule
 from .hyperparams import DEFAULTS, validate_group
 
 __all__ = ["RootReference"]
