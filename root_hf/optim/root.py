@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch.optim.optimizer import Optimizer, ParamsT
 
-from .coefficients import Schedule, ScheduleSpec, get_schedule
+from ..schedules import Schedule, ScheduleSpec, get_schedule
 from .distributed import local_tensor, plan_for
 from .functional import (
     AdjustLrFn,
