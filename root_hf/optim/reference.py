@@ -66,6 +66,21 @@ class RootReference(Optimizer):
     AdamW branch: `m = b1 m + (1 - b1) g`, `v = b2 v + (1 - b2) g^2`,
     `W = W (1 - lr wd) - lr (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps_adam)`.
 
+    Args:
+        params: parameters or param groups, as for `root_hf.ROOT` (the same group keys, validated by the same table).
+        lr: see `root_hf.ROOT`; every hyperparameter has its name and default (no `ns_dtype`: the reference runs in the
+            parameter's dtype, float32 or wider; no `nonfinite_grads` or `process_group`).
+        weight_decay: see `root_hf.ROOT`.
+        momentum: see `root_hf.ROOT`.
+        nesterov: see `root_hf.ROOT`.
+        clip_quantile: see `root_hf.ROOT`.
+        ns_steps: see `root_hf.ROOT`.
+        ns_coefficients: see `root_hf.ROOT`.
+        eps: see `root_hf.ROOT`.
+        adjust_lr_fn: see `root_hf.ROOT`.
+        betas: see `root_hf.ROOT`.
+        adamw_eps: see `root_hf.ROOT`.
+
     Example:
         >>> w = torch.nn.Parameter(torch.randn(4, 6, dtype=torch.float64))
         >>> opt = RootReference([w], lr=0.1)
