@@ -554,10 +554,8 @@ def one_rank_group(tmp_path: Path) -> Iterator[None]:
 def test_process_group_default_is_no_split(one_rank_group: None) -> None:
     assert inspect.signature(ROOT).parameters["process_group"].default is None
     functional = importlib.import_module("root_hf.optim.functional")
-    for fn in (functional.root,):
-        parameters = inspect.signature(fn).parameters
-        if "process_group" in parameters:
-            assert parameters["process_group"].default is None, f"{fn.__name__}(process_group=...) default"
+    parameters = inspect.signature(functional.root).parameters
+    assert parameters["process_group"].default is None, "functional root(process_group=...) default"
     optimizer = ROOT(params_with_grads((4, 3), (4,)))
     assert optimizer.distributed_strategy == "single"
     optimizer.step()

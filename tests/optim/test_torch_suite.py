@@ -743,6 +743,100 @@ def test_scalar_param(device: str) -> None:
     for_each_input(device, check)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_zero_lr_step_on_zero_grads_changes_nothing(device: str) -> None:
+    """lr 0 and zero grads (what torch.distributed.checkpoint does to initialize state) move nothing, make no NaN."""
+    _skip_without(device)
+
+    def check(kwargs: dict[str, Any]) -> None:
+        kwargs["lr"] = 0.0
+        model = conv_bn_model(device)
+        optimizer = ROOT(model.parameters(), **kwargs)
+        before = [p.detach().clone() for p in model.parameters()]
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        optimizer.step()
+        assert_equal([p.detach() for p in model.parameters()], before)
+        for state in optimizer.state.values():
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and value.is_floating_point():
+                    assert torch.isfinite(value).all(), f"state {key} not finite"
+
+    for_each_input(device, check)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mixed_dtype_params_in_one_group(device: str) -> None:
+    """Same-shape matrices of different dtypes in one group each train and keep their dtype."""
+    _skip_without(device)
+
+    def check(kwargs: dict[str, Any]) -> None:
+        torch.manual_seed(0)
+        dtypes = (torch.float32, torch.bfloat16, torch.float64)
+        params = [Parameter(torch.randn(6, 4, device=device, dtype=d)) for d in dtypes]
+        params += [Parameter(torch.randn(6, device=device, dtype=d)) for d in dtypes]
+        optimizer = ROOT(params, **{**kwargs, "lr": max(kwargs.get("lr", 0.0), 0.05)})
+        before = [p.detach().clone() for p in params]
+        for _ in range(2):
+            for p in params:
+                p.grad = torch.randn_like(p)
+            optimizer.step()
+        for p, b in zip(params, before, strict=True):
+            assert p.dtype == b.dtype and torch.isfinite(p).all()
+            assert not torch.equal(p.detach(), b), f"a {p.dtype} {tuple(p.shape)} param did not move"
+
+    for_each_input(device, check)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_param_groups_rewritten_in_place(device: str) -> None:
+    """New tensors put into param_groups in place (as accelerate's FSDP2 preparation does) are the ones stepped."""
+    _skip_without(device)
+
+    def check(kwargs: dict[str, Any]) -> None:
+        weight, bias = weight_bias(device)
+        optimizer = ROOT([weight, bias], **kwargs)
+        new = [Parameter(p.detach().clone()) for p in (weight, bias)]
+        for group in optimizer.param_groups:
+            group["params"] = [new[[id(weight), id(bias)].index(id(p))] for p in group["params"]]
+        before = [p.detach().clone() for p in new]
+        for _ in range(2):
+            for p in new:
+                p.grad = torch.randn_like(p)
+            optimizer.step()
+        assert all(not torch.equal(p.detach(), b) for p, b in zip(new, before, strict=True)), "new params not moved"
+        ROOT([Parameter(p.detach().clone()) for p in new], **kwargs).load_state_dict(optimizer.state_dict())
+
+    for_each_input(device, check)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_grad_scaler_steps_and_skips(device: str) -> None:
+    """torch.amp.GradScaler drives the optimizer: finite steps apply, a step with inf grads is skipped."""
+    _skip_without(device)
+
+    def check(kwargs: dict[str, Any]) -> None:
+        weight, bias = weight_bias(device)
+        x = torch.randn(5, device=device)
+        optimizer = ROOT([weight, bias], **kwargs)
+        scaler = torch.amp.GradScaler(device, init_scale=2.0**8)
+        before = [weight.detach().clone(), bias.detach().clone()]
+        optimizer.zero_grad()
+        scaler.scale(linear_loss(weight, bias, x)).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        assert not torch.equal(weight.detach(), before[0]), "a finite scaled step did not apply"
+        moved = [weight.detach().clone(), bias.detach().clone()]
+        optimizer.zero_grad()
+        scaler.scale(linear_loss(weight, bias, x) * math.inf).backward()
+        scaler.step(optimizer)  # found inf: the scaler skips optimizer.step()
+        scaler.update()
+        assert_equal([weight.detach(), bias.detach()], moved)
+        assert scaler.get_scale() < 2.0**8
+
+    for_each_input(device, check)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Hooks
 # --------------------------------------------------------------------------------------------------------------------
