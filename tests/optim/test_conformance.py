@@ -574,7 +574,7 @@ def test_process_group_bogus_refused(value: Any) -> None:
 
 
 def test_step_writes_no_files_and_keeps_thread_count(private_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """An off-table shape (37 x 91): construction may fit; step() writes no file and never touches the thread count."""
+    """An off-table shape (37 x 91): construction may fit; step() writes no file; neither touches threads or RNG."""
     clear_schedule_cache()
     calls: list[tuple[str, int]] = []
     phase = ["construction"]
@@ -586,7 +586,9 @@ def test_step_writes_no_files_and_keeps_thread_count(private_home: Path, monkeyp
 
     monkeypatch.setattr(torch, "set_num_threads", recording_set_num_threads)
     threads = torch.get_num_threads()
-    optimizer = ROOT(params_with_grads((37, 91), (91, 37)))
+    params = params_with_grads((37, 91), (91, 37))
+    rng = torch.get_rng_state()
+    optimizer = ROOT(params)
     files = listing(private_home)
     phase[0] = "step()"
     optimizer.step()
@@ -598,6 +600,8 @@ def test_step_writes_no_files_and_keeps_thread_count(private_home: Path, monkeyp
         problems.append(f"thread count {threads} -> {torch.get_num_threads()}")
     if calls:
         problems.append(f"torch.set_num_threads called: {calls}")
+    if not torch.equal(torch.get_rng_state(), rng):
+        problems.append("the global RNG state changed (a fit must use its own generator)")
     assert not problems, "; ".join(problems)
 
 
