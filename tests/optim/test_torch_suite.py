@@ -151,6 +151,9 @@ def optim_error_inputs_func_root(device: str | torch.device, dtype: torch.dtype)
         error_inputs.append(_error([param], {name: value}, f"{name}={value!r}", ValueError, regex))
     error_inputs += [
         _error([{"params": [param], "use_root": "yes"}], {}, "use_root='yes'", ValueError, "use_root"),
+        _error([{"params": [param], "matrix_view": "bogus"}], {}, "matrix_view='bogus'", ValueError, "matrix_view"),
+        _error([{"params": [param], "matrix_split": [2, [1, 2]]}], {}, "split axis 2", ValueError, "matrix_split"),
+        _error([{"params": [param], "matrix_split": [1, [1, 1]]}], {}, "split sizes", ValueError, "matrix_split"),
         _error([{"params": [vector], "use_root": True}], {}, "1-D param with use_root=True", ValueError, "use_root"),
         # Refusal at construction is as good as at step(): test_errors accepts either for step errors.
         _error([complex_param], {}, "complex param", (ValueError, RuntimeError), "(?i)complex", on_step=True),
@@ -539,6 +542,45 @@ def test_param_groups_use_root_go_right_direction(device: str) -> None:
         assert "momentum_buffer" in optimizer.state[weight], "use_root=True matrix is not on the ROOT branch"
         assert "exp_avg" in optimizer.state[weight2], "use_root=False matrix is not on the AdamW branch"
         assert "exp_avg" in optimizer.state[bias], "vector is not on the AdamW branch"
+
+    for_each_input(device, check)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_param_groups_matrix_views_go_right_direction(device: str) -> None:
+    """Groups with matrix_view="batched" (fused experts) and matrix_split (fused projections) train and round-trip."""
+    _skip_without(device)
+
+    def check(kwargs: dict[str, Any]) -> None:
+        torch.manual_seed(0)
+        experts = Parameter(torch.randn(3, 6, 4, device=device))  # (E, out, in)
+        fused = Parameter(torch.randn(8, 4, device=device))  # two (4, 4) blocks stacked along the rows
+        x = torch.randn(4, device=device)
+        groups = [
+            {"params": [experts], "matrix_view": "batched"},
+            {"params": [fused], "matrix_split": [0, [4, 4]]},
+        ]
+        optimizer = ROOT(groups, **kwargs)
+
+        def closure() -> torch.Tensor:
+            optimizer.zero_grad()
+            loss = (experts @ x).pow(2).sum() + (fused @ x).pow(2).sum()
+            loss.backward()
+            return loss
+
+        initial = closure().item()
+        for _ in range(20):
+            optimizer.step(closure)
+        assert closure().item() < initial
+        buffer = io.BytesIO()
+        torch.save(optimizer.state_dict(), buffer)
+        buffer.seek(0)
+        loaded = torch.load(buffer, weights_only=True)
+        assert [g["matrix_view"] for g in loaded["param_groups"]] == ["batched", "flatten"]
+        assert [g["matrix_split"] for g in loaded["param_groups"]][1] in ([0, [4, 4]], (0, (4, 4)), (0, [4, 4]))
+        clone = ROOT([{"params": [Parameter(p.detach().clone())]} for p in (experts, fused)])
+        clone.load_state_dict(loaded)
+        assert_equal(clone.state_dict(), optimizer.state_dict())
 
     for_each_input(device, check)
 
