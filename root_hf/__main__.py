@@ -20,6 +20,7 @@ from pathlib import Path
 
 import _root_hf_autoload as autoload
 import root_hf
+from _root_hf_autoload import registration
 
 PTH_NAME = "root_hf_autoload.pth"
 
@@ -65,13 +66,19 @@ def registration_line() -> str:
         return 'optim="root": transformers is not installed (pip install "root-hf[hf]")'
     import transformers
 
-    state = autoload.status()
+    state = registration.status()
     if state["registered"] and state["handler"]:
+        if autoload.autoload_state != "on":
+            return (
+                f'optim="root": registered in this process (transformers {transformers.__version__}) only because '
+                "this command imported root_hf; without the startup hook, scripts that do not `import root_hf` "
+                "reject --optim root"
+            )
         return (
             f'optim="root": registered in this process (transformers {transformers.__version__}): --optim root / '
             "optim: root work in any HfArgumentParser script, trl CLIs and YAML/JSON configs"
         )
-    supported = autoload.transformers_version_supported(transformers.__version__)
+    supported = registration.transformers_version_supported(transformers.__version__)
     why = "an upstream optimizer named 'root' or missing private hooks"
     if not supported:
         why = f"transformers {transformers.__version__} is outside the supported range"

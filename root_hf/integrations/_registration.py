@@ -2,33 +2,29 @@
 
 The registration itself (the `OptimizerNames` member, the `Trainer` handler, the `Trainer` wrappers and the
 `sys.meta_path` hook that runs them when `transformers` is imported) lives in the top-level, standard-library-only
-module `_root_hf_autoload`, so that the interpreter-startup hook (`root_hf_autoload.pth`) can install it without
-importing torch. This module re-exports it for `import root_hf` (which installs the hook too, whether or not
-`ROOT_HF_AUTOLOAD=0` switched the startup hook off), adds `register_root_optimizer` and unpickles
-`OptimizerNames("root")`. Without registration, the documented fallbacks still work: `RootTrainer`,
-`RootTrainerMixin`, `create_root_optimizer` and `optimizer_cls_and_kwargs=(RootOptimizerFactory, {...})`.
+package `_root_hf_autoload` (its `registration` module), so that the interpreter-startup hook
+(`root_hf_autoload.pth`) can install it without importing torch. This module re-exports it for `import root_hf`
+(which installs the hook too, whether or not `ROOT_HF_AUTOLOAD=0` switched the startup hook off), adds
+`register_root_optimizer` and unpickles `OptimizerNames("root")`. Without registration, the documented fallbacks
+still work: `RootTrainer`, `RootTrainerMixin`, `create_root_optimizer` and
+`optimizer_cls_and_kwargs=(RootOptimizerFactory, {...})`.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import _root_hf_autoload as _autoload
-from _root_hf_autoload import (
+from _root_hf_autoload import ENV_VAR, _CallbackLoader, _hook, _PostImportHook, autoload_enabled, install
+from _root_hf_autoload import registration as _autoload
+from _root_hf_autoload.registration import (
     _FALLBACKS,
-    ENV_VAR,
     OPTIM_NAME,
     SUPPORTED_TRANSFORMERS,
-    _CallbackLoader,
-    _hook,
-    _PostImportHook,
     add_enum_member,
-    autoload_enabled,
-    install,
     transformers_version_supported,
 )
-from _root_hf_autoload import register_handler as _register_handler
-from _root_hf_autoload import register_name as _register_name
+from _root_hf_autoload.registration import register_handler as _register_handler
+from _root_hf_autoload.registration import register_name as _register_name
 
 __all__ = [
     "ENV_VAR",

@@ -1,19 +1,8 @@
-"""root_hf's interpreter-startup hook: `optim="root"` in every Hugging Face entry point, with no import by the user.
+"""Registration of `optim="root"` with transformers: run by the startup hook (`_root_hf_autoload`) and root_hf.
 
-The wheel (and the editable install) ships `root_hf_autoload.pth` into site-packages; its one line,
-`import _root_hf_autoload; _root_hf_autoload.autoload()`, runs when Python starts. `autoload()` adds one finder to
-`sys.meta_path` and returns: it imports nothing (this module needs only `os` and `sys`, which Python has already
-loaded), never imports torch or transformers, and costs well under a millisecond in processes that never import
-transformers. When `transformers.training_args`, `transformers.trainer_optimizer` and `transformers.trainer` finish
-executing, the finder runs the registration below, so a stock `HfArgumentParser` script, `trl sft`, a YAML / JSON
-config, a notebook and every process that `accelerate launch` or `torchrun` start accept `--optim root` /
-`optim: root`. root_hf itself (and so its optimizer code) is imported only when a `Trainer` builds the optimizer.
-
-Switch it off with the environment variable `ROOT_HF_AUTOLOAD=0` (also `false`, `no`, `off`): then only
-`import root_hf` registers the name, as it always does. `python -m root_hf` says whether the hook is active.
-
-What registration extends (private hooks of transformers, see SPEC section 4; idempotent, version-guarded, an
-upstream `"root"` is never replaced, and a failure becomes a warning, never a broken import):
+Standard library only, and imported only once transformers is (so its size costs nothing at interpreter start-up).
+What it extends (private hooks of transformers, see SPEC section 4; idempotent, version-guarded, an upstream `"root"`
+is never replaced, and a failure becomes a warning, never a broken import):
 
 - `transformers.training_args.OptimizerNames` gets a member `ROOT = "root"`, so `TrainingArguments(optim="root")`,
   `--optim root` and configs accept the name. The member pickles through
@@ -24,30 +13,26 @@ upstream `"root"` is never replaced, and a failure becomes a warning, never a br
   `"momentum"` is a `ValueError` naming the item and the `key=value` format, not transformers' bare unpacking error),
   and `Trainer.create_optimizer` puts a `RootDiagnosticsCallback` in front of the reporting callbacks when the ROOT it
   built asks for diagnostics (`optim_args="diagnostics_steps=N"`), so they reach `log_history` and every tracker.
-
-This module lives at the top level (not inside the `root_hf` package) because importing anything under `root_hf`
-runs `root_hf/__init__.py`, which imports torch.
 """
 
 import os
 import sys
+import threading
+
+import _root_hf_autoload as _startup
 
 __all__ = [
-    "ENV_VAR",
     "OPTIM_NAME",
     "SUPPORTED_TRANSFORMERS",
     "add_enum_member",
-    "autoload",
-    "autoload_enabled",
-    "install",
+    "patch_trainer",
+    "register_handler",
     "register_name",
     "status",
     "transformers_version_supported",
 ]
 
 OPTIM_NAME = "root"
-ENV_VAR = "ROOT_HF_AUTOLOAD"
-_OFF = ("0", "false", "no", "off")
 _MEMBER_NAME = "ROOT"
 _OWNED = "_root_hf_owned"
 
@@ -64,9 +49,7 @@ _FALLBACKS = (
     "root_hf.create_root_optimizer(model, args)."
 )
 _warned = set()
-# What autoload() did in this process: None (never called: the .pth is not installed, or Python ran with -S),
-# "on" (the hook is installed) or "off" (switched off by ROOT_HF_AUTOLOAD).
-autoload_state = None
+_LOCK = threading.RLock()
 
 
 def _warn_once(key, message):
@@ -75,41 +58,6 @@ def _warn_once(key, message):
         import warnings
 
         warnings.warn(message, RuntimeWarning, stacklevel=3)
-
-
-def _lock():
-    global _LOCK
-    try:
-        return _LOCK
-    except NameError:
-        import threading
-
-        _LOCK = threading.RLock()
-        return _LOCK
-
-
-def autoload_enabled(environ=None):
-    """Whether the startup hook may run: False when `ROOT_HF_AUTOLOAD` is `0`, `false`, `no` or `off`.
-
-    Example:
-        >>> autoload_enabled({"ROOT_HF_AUTOLOAD": "0"}), autoload_enabled({})
-        (False, True)
-    """
-    value = (os.environ if environ is None else environ).get(ENV_VAR, "1")
-    return value.strip().lower() not in _OFF
-
-
-def autoload():
-    """Called by `root_hf_autoload.pth` at interpreter start: `install()` unless `ROOT_HF_AUTOLOAD=0`."""
-    global autoload_state
-    if not autoload_enabled():
-        autoload_state = "off"
-        return
-    autoload_state = "on"
-    try:
-        install()
-    except Exception as e:  # never break interpreter start-up
-        _warn_once("hook", f"root_hf: the startup hook failed ({type(e).__name__}: {e}).")
 
 
 def status():
@@ -124,9 +72,9 @@ def status():
     trainer = sys.modules.get(_TRAINER)
     handlers = getattr(trainer_optimizer, "_OPTIMIZER_HANDLERS", None)
     return {
-        "autoload": autoload_state,
-        "env": os.environ.get(ENV_VAR),
-        "watching": sorted(_hook.callbacks) if _hook in sys.meta_path else [],
+        "autoload": _startup.autoload_state,
+        "env": os.environ.get(_startup.ENV_VAR),
+        "watching": sorted(_startup._hook.callbacks) if _startup._hook in sys.meta_path else [],
         "registered": None if training_args is None else _owned_member(training_args) is not None,
         "handler": None
         if handlers is None
@@ -225,7 +173,7 @@ def _owned_member(training_args):
 
 def register_name(training_args):
     """Add `OptimizerNames.ROOT` to the module `transformers.training_args`; True when `"root"` is root_hf's."""
-    with _lock():
+    with _LOCK:
         enum_cls = getattr(training_args, "OptimizerNames", None)
         if enum_cls is None or not _check_version():
             return False
@@ -263,7 +211,7 @@ _root_handler._root_hf_owned = True
 
 def register_handler(trainer_optimizer):
     """Add the `"root"` handler to `transformers.trainer_optimizer._OPTIMIZER_HANDLERS` (after `register_name`)."""
-    with _lock():
+    with _LOCK:
         handlers = getattr(trainer_optimizer, "_OPTIMIZER_HANDLERS", None)
         training_args = sys.modules.get(_TRAINING_ARGS)
         if not isinstance(handlers, dict) or getattr(training_args, "OptimizerNames", None) is None:
@@ -316,7 +264,7 @@ def _wrap_create_optimizer(original):
 
 def patch_trainer(trainer_module):
     """Wrap `Trainer.get_optimizer_cls_and_kwargs` and `Trainer.create_optimizer` (see the module docstring)."""
-    with _lock():
+    with _LOCK:
         trainer_cls = getattr(trainer_module, "Trainer", None)
         training_args = sys.modules.get(_TRAINING_ARGS)
         if trainer_cls is None or training_args is None or _owned_member(training_args) is None:
@@ -331,93 +279,3 @@ def patch_trainer(trainer_module):
         trainer_cls.get_optimizer_cls_and_kwargs = _wrap_get_optimizer_cls_and_kwargs(get_cls.__func__)
         trainer_cls.create_optimizer = _wrap_create_optimizer(create)
         return True
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# The import hook
-# --------------------------------------------------------------------------------------------------------------------
-
-
-class _CallbackLoader:
-    """Wraps a module's loader: runs the real `exec_module`, then the hook's callback. The module's `__loader__`
-    and `__spec__.loader` are set back to the real loader before its code runs, so nothing of the wrapper stays."""
-
-    def __init__(self, loader, hook, fullname):
-        self._loader = loader
-        self._hook = hook
-        self._fullname = fullname
-
-    def create_module(self, spec):
-        return self._loader.create_module(spec)
-
-    def exec_module(self, module):
-        module.__loader__ = self._loader
-        if getattr(module, "__spec__", None) is not None:
-            module.__spec__.loader = self._loader
-        self._loader.exec_module(module)
-        self._hook.fire(self._fullname, module)
-
-    def __getattr__(self, name):
-        return getattr(self._loader, name)
-
-
-class _PostImportHook:
-    """A `sys.meta_path` finder that finds nothing itself: for the watched module names it asks the finders after it
-    for the spec and wraps the loader, so that a callback runs once the module has executed. Removes itself from
-    `sys.meta_path` once every callback has run. For any other name it costs one dict look-up."""
-
-    def __init__(self):
-        self.callbacks = {}
-
-    def find_spec(self, fullname, path=None, target=None):
-        if fullname not in self.callbacks:
-            return None
-        for finder in list(sys.meta_path):
-            if finder is self or not hasattr(finder, "find_spec"):
-                continue
-            spec = finder.find_spec(fullname, path, target)
-            if spec is not None:
-                break
-        else:
-            return None
-        if spec.loader is None or not hasattr(spec.loader, "exec_module"):
-            return spec
-        spec.loader = _CallbackLoader(spec.loader, self, fullname)
-        return spec
-
-    def fire(self, fullname, module):
-        callback = self.callbacks.pop(fullname, None)
-        if not self.callbacks and self in sys.meta_path:
-            sys.meta_path.remove(self)
-        if callback is None:
-            return
-        try:
-            callback(module)
-        except Exception as e:  # never break the user's import of transformers
-            _warn_once("hook", f"root_hf: registering optim='root' failed ({type(e).__name__}: {e}). {_FALLBACKS}")
-
-
-_hook = _PostImportHook()
-# Module -> what to do once it has executed, in import order (trainer imports trainer_optimizer imports training_args).
-_WATCHED = ((_TRAINING_ARGS, register_name), (_TRAINER_OPTIMIZER, register_handler), (_TRAINER, patch_trainer))
-
-
-def install():
-    """Register `optim="root"` now for the transformers modules already imported, and watch for the others.
-
-    Idempotent and cheap: when transformers is not imported, it only puts one finder first in `sys.meta_path`.
-    Called by `autoload()` at interpreter start (single-threaded: no lock, so that `threading` is not imported) and
-    by `import root_hf`.
-    """
-    for name, callback in _WATCHED:
-        module = sys.modules.get(name)
-        if module is None:
-            _hook.callbacks[name] = callback
-        elif getattr(module, "__spec__", None) is not None and not getattr(module.__spec__, "_initializing", 0):
-            _hook.callbacks.pop(name, None)
-            try:
-                callback(module)
-            except Exception as e:
-                _warn_once("hook", f"root_hf: registering optim='root' failed ({type(e).__name__}: {e}).")
-    if _hook.callbacks and _hook not in sys.meta_path:
-        sys.meta_path.insert(0, _hook)
