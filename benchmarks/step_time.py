@@ -49,7 +49,7 @@ from benchmarks.common import (
 from root_hf import ROOT, get_schedule
 from root_hf.optim.clip import soft_threshold_clip_
 from root_hf.optim.coefficients import DEFAULT_SCHEDULE
-from root_hf.optim.orthogonalize import newton_schulz
+from root_hf.optim.newton_schulz import newton_schulz
 from root_hf.optim.root import adjusted_lr_ratio
 
 SECTIONS = ("main", "breakdown", "sweep", "memory")

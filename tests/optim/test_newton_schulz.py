@@ -1,11 +1,11 @@
-"""Properties of Newton-Schulz orthogonalization (root_hf/optim/orthogonalize.py)."""
+"""Properties of Newton-Schulz orthogonalization (root_hf/optim/newton_schulz.py)."""
 
 import pytest
 import torch
 
 from root_hf import orthogonalize
 from root_hf.optim.coefficients import MUON_COEFFICIENTS, composed_polynomial, get_schedule, schedule_band
-from root_hf.optim.orthogonalize import newton_schulz, resolve_ns_dtype
+from root_hf.optim.newton_schulz import newton_schulz, resolve_ns_dtype
 from tests.utils import matrix_with_singular_values
 
 
