@@ -355,8 +355,9 @@ def test_torchrun_two_gloo_processes_with_fsdp2_through_training_arguments(
     summary = json.loads((out / "summary.json").read_text())
     assert summary["optimizer"] == "ROOT" and summary["world_size"] == 2
     assert summary["fsdp_version_env"] is None  # root_hf sets no environment variable
-    if summary["is_fsdp_enabled"]:
-        assert summary["strategy"] in (None, "fsdp2")
-    else:
+    if summary["is_fsdp_enabled"]:  # on accelerators: DTensor shards
+        assert summary["strategy"] == "fsdp2"
+    else:  # on CPU: accelerate's MULTI_CPU data parallelism, so the handler passed process_group="default"
         assert "MULTI_CPU" in summary["distributed_type"]
+        assert summary["strategy"] == "ddp"
     _assert_diagnostics_logged(_log_history(out / "trainer_state.json"))
