@@ -1,23 +1,23 @@
-"""ROOT in the Hugging Face ``Trainer``: ``optim="root"``, ``RootTrainer``, a factory, ``optim_args`` parsing.
+"""ROOT in the Hugging Face `Trainer`: `optim="root"`, `RootTrainer`, a factory, `optim_args` parsing.
 
 Four ways to train with ROOT, from the most to the least integrated:
 
-1. ``TrainingArguments(optim="root", optim_args="momentum=0.95,clip_quantile=0.9")`` with the **stock**
-   ``transformers.Trainer`` or TRL's ``SFTTrainer`` (``SFTConfig(optim="root")``), ``--optim root`` on the command
-   line of any ``HfArgumentParser`` script or ``trl sft``, ``optim: root`` in YAML / JSON configs. The installed
-   startup hook registers the name in every process with no import (``ROOT_HF_AUTOLOAD=0`` switches it off; then
-   ``import root_hf`` registers it): see ``_root_hf_autoload``. ``optim_args="diagnostics_steps=N"`` puts ROOT's
+1. `TrainingArguments(optim="root", optim_args="momentum=0.95,clip_quantile=0.9")` with the **stock**
+   `transformers.Trainer` or TRL's `SFTTrainer` (`SFTConfig(optim="root")`), `--optim root` on the command
+   line of any `HfArgumentParser` script or `trl sft`, `optim: root` in YAML / JSON configs. The installed
+   startup hook registers the name in every process with no import (`ROOT_HF_AUTOLOAD=0` switches it off; then
+   `import root_hf` registers it): see `_root_hf_autoload`. `optim_args="diagnostics_steps=N"` puts ROOT's
    diagnostics in the logs.
-2. :class:`RootTrainer`, or :class:`RootTrainerMixin` in front of any ``Trainer`` subclass (e.g. TRL's): always ROOT,
+2. `RootTrainer`, or `RootTrainerMixin` in front of any `Trainer` subclass (e.g. TRL's): always ROOT,
    no registration needed, and ROOT's diagnostics in the logs.
-3. ``Trainer(..., optimizer_cls_and_kwargs=(RootOptimizerFactory, {"lr": 3e-4}))``: no registration needed.
-4. :func:`create_root_optimizer`: builds the optimizer from a model (and optionally ``TrainingArguments``), for
-   ``Trainer(optimizers=(opt, None))`` or a custom loop.
+3. `Trainer(..., optimizer_cls_and_kwargs=(RootOptimizerFactory, {"lr": 3e-4}))`: no registration needed.
+4. `create_root_optimizer`: builds the optimizer from a model (and optionally `TrainingArguments`), for
+   `Trainer(optimizers=(opt, None))` or a custom loop.
 
-All of them route parameters with :func:`root_hf.integrations.routing.route_parameters` (hidden matrices and PEFT
-LoRA factors to ROOT, as ``lora_policy`` allows: ``lora_B`` only by default; embeddings, LM head, norms, biases, PEFT
-extras to AdamW; or ``optim_target_modules``), train PEFT models' adapters only (frozen weights get no state), log a
-one-line routing summary, honour ``learning_rate``, ``weight_decay``, ``adam_beta1/2`` and ``adam_epsilon``, and refuse
+All of them route parameters with `root_hf.integrations.routing.route_parameters` (hidden matrices and PEFT
+LoRA factors to ROOT, as `lora_policy` allows: `lora_B` only by default; embeddings, LM head, norms, biases, PEFT
+extras to AdamW; or `optim_target_modules`), train PEFT models' adapters only (frozen weights get no state), log a
+one-line routing summary, honour `learning_rate`, `weight_decay`, `adam_beta1/2` and `adam_epsilon`, and refuse
 setups that hand the optimizer flattened parameters (DeepSpeed ZeRO, FSDP1).
 """
 
@@ -150,8 +150,8 @@ def _env_flag(name: str) -> bool:
 
 
 def _accelerate_state() -> dict[str, Any]:
-    """accelerate's shared process state (``PartialState`` then ``AcceleratorState``, which wins), read without
-    creating it: empty when accelerate is not imported or no state exists. ``TrainingArguments`` resets it, so it
+    """accelerate's shared process state (`PartialState` then `AcceleratorState`, which wins), read without
+    creating it: empty when accelerate is not imported or no state exists. `TrainingArguments` resets it, so it
     describes the current run, never an earlier one."""
     module = sys.modules.get("accelerate.state")
     merged: dict[str, Any] = {}
@@ -170,10 +170,10 @@ def _distributed_type(state: Mapping[str, Any]) -> str:
 def fsdp_version(args: Any | None = None) -> int | None:
     """The FSDP version this run uses (1 or 2), or None without FSDP.
 
-    Read from the ``TrainingArguments`` first (``fsdp`` set: ``fsdp_config["version"]``, transformers' default 2),
-    else from accelerate's state (``distributed_type`` FSDP: ``fsdp_plugin.fsdp_version``, as ``accelerate launch``
-    with an FSDP config sets it). Never from environment variables: accelerate sets ``ACCELERATE_USE_FSDP=true``
-    without ``FSDP_VERSION`` for FSDP2 too, and leaves it set after the run.
+    Read from the `TrainingArguments` first (`fsdp` set: `fsdp_config["version"]`, transformers' default 2),
+    else from accelerate's state (`distributed_type` FSDP: `fsdp_plugin.fsdp_version`, as `accelerate launch`
+    with an FSDP config sets it). Never from environment variables: accelerate sets `ACCELERATE_USE_FSDP=true`
+    without `FSDP_VERSION` for FSDP2 too, and leaves it set after the run.
 
     Example:
         >>> fsdp_version(None) is None
@@ -192,8 +192,8 @@ def fsdp_version(args: Any | None = None) -> int | None:
 
 
 def runs_ddp() -> bool:
-    """Whether accelerate runs plain multi-process data parallelism (``MULTI_CPU``, ``MULTI_GPU``, ``MULTI_XPU``, ...
-    with more than one process): every rank then holds identical gradients at ``step()``, so ROOT may split its
+    """Whether accelerate runs plain multi-process data parallelism (`MULTI_CPU`, `MULTI_GPU`, `MULTI_XPU`, ...
+    with more than one process): every rank then holds identical gradients at `step()`, so ROOT may split its
     Newton-Schulz work over the ranks.
 
     Example:
@@ -205,16 +205,16 @@ def runs_ddp() -> bool:
 
 
 def _root_accepts_default_group() -> bool:
-    """Whether this ROOT understands ``process_group="default"`` (the redesign of contract.md, whose default is None);
-    the earlier ROOT split the work by itself (``process_group="auto"``) and would reject the string."""
+    """Whether this ROOT understands `process_group="default"` (the redesign of contract.md, whose default is None);
+    the earlier ROOT split the work by itself (`process_group="auto"`) and would reject the string."""
     parameter = inspect.signature(ROOT.__init__).parameters.get("process_group")
     return parameter is not None and parameter.default is None
 
 
 def ddp_process_group_kwargs() -> dict[str, Any]:
-    """``{"process_group": "default"}`` when the run is DDP (see :func:`runs_ddp`) and ROOT accepts it, else ``{}``.
+    """`{"process_group": "default"}` when the run is DDP (see `runs_ddp`) and ROOT accepts it, else `{}`.
 
-    Passed by the ``Trainer`` handler, ``RootTrainerMixin`` and ``create_root_optimizer(model, args)``, so that under
+    Passed by the `Trainer` handler, `RootTrainerMixin` and `create_root_optimizer(model, args)`, so that under
     DDP each rank orthogonalizes its share of the matrices and diagnostics are reduced over all of them.
     """
     if runs_ddp() and _root_accepts_default_group():
@@ -223,11 +223,11 @@ def ddp_process_group_kwargs() -> dict[str, Any]:
 
 
 def check_root_compatible(args: Any | None = None, model: nn.Module | None = None) -> None:
-    """Raise a ``ValueError`` naming the fix if ROOT cannot work in this setup: DeepSpeed or FSDP1.
+    """Raise a `ValueError` naming the fix if ROOT cannot work in this setup: DeepSpeed or FSDP1.
 
-    Checks the ``TrainingArguments`` (``deepspeed``, ``fsdp`` and ``fsdp_config["version"]``), accelerate's state when
-    one exists (``AcceleratorState.distributed_type`` and ``fsdp_plugin.fsdp_version``; see :func:`fsdp_version`),
-    ``ACCELERATE_USE_DEEPSPEED``, and the model's parameters (DeepSpeed's ``ds_id``, FSDP1's ``FlatParameter``).
+    Checks the `TrainingArguments` (`deepspeed`, `fsdp` and `fsdp_config["version"]`), accelerate's state when
+    one exists (`AcceleratorState.distributed_type` and `fsdp_plugin.fsdp_version`; see `fsdp_version`),
+    `ACCELERATE_USE_DEEPSPEED`, and the model's parameters (DeepSpeed's `ds_id`, FSDP1's `FlatParameter`).
     FSDP2 (DTensor parameters) is accepted.
 
     Example:
@@ -258,7 +258,7 @@ def check_root_compatible(args: Any | None = None, model: nn.Module | None = Non
 
 
 def _kwargs_from_args(args: Any) -> dict[str, Any]:
-    """ROOT keyword arguments from ``TrainingArguments``: lr, decay, AdamW betas/eps, target modules, optim_args."""
+    """ROOT keyword arguments from `TrainingArguments`: lr, decay, AdamW betas/eps, target modules, optim_args."""
     kwargs: dict[str, Any] = {
         "lr": args.learning_rate,
         "weight_decay": args.weight_decay,
@@ -272,25 +272,25 @@ def _kwargs_from_args(args: Any) -> dict[str, Any]:
 
 
 def create_root_optimizer(model: nn.Module, args: Any | None = None, **overrides: Any) -> ROOT:
-    """Build a :class:`~root_hf.ROOT` optimizer for ``model`` with name/role-based routing.
+    """Build a `root_hf.ROOT` optimizer for `model` with name/role-based routing.
 
     Args:
-        model: the model to train (a ``transformers`` / PEFT / plain torch model). Frozen parameters are left out.
-        args: optional ``TrainingArguments`` (or ``SFTConfig``, ...): ``learning_rate``, ``weight_decay``,
-            ``adam_beta1/2``, ``adam_epsilon``, ``optim_target_modules`` and ``optim_args`` (keys in
-            :data:`OPTIM_ARGS`) are honoured; also refuses DeepSpeed / FSDP1 setups.
-        **overrides: win over ``args``: any ROOT argument (``lr``, ``weight_decay``, ``momentum``, ``nesterov``,
-            ``clip_quantile``, ``ns_steps``, ``ns_coefficients``, ``eps``, ``adjust_lr_fn``, ``ns_dtype``, ``betas``,
-            ``adamw_eps``, ``nonfinite_grads``, ``process_group``), and ``adamw_beta1``, ``adamw_beta2``, ``adamw_lr``,
-            ``adamw_weight_decay``, ``target_modules`` (as ``optim_target_modules``), ``decay_parameter_names``,
-            ``diagnostics_steps`` (read by :class:`~root_hf.RootDiagnosticsCallback`), and for PEFT models
-            ``lora_policy`` (``"b_only"``, the default, ``"both"`` or ``"none"``: which LoRA factors take the ROOT
+        model: the model to train (a `transformers` / PEFT / plain torch model). Frozen parameters are left out.
+        args: optional `TrainingArguments` (or `SFTConfig`, ...): `learning_rate`, `weight_decay`,
+            `adam_beta1/2`, `adam_epsilon`, `optim_target_modules` and `optim_args` (keys in
+            `OPTIM_ARGS`) are honoured; also refuses DeepSpeed / FSDP1 setups.
+        **overrides: win over `args`: any ROOT argument (`lr`, `weight_decay`, `momentum`, `nesterov`,
+            `clip_quantile`, `ns_steps`, `ns_coefficients`, `eps`, `adjust_lr_fn`, `ns_dtype`, `betas`,
+            `adamw_eps`, `nonfinite_grads`, `process_group`), and `adamw_beta1`, `adamw_beta2`, `adamw_lr`,
+            `adamw_weight_decay`, `target_modules` (as `optim_target_modules`), `decay_parameter_names`,
+            `diagnostics_steps` (read by `root_hf.RootDiagnosticsCallback`), and for PEFT models
+            `lora_policy` (`"b_only"`, the default, `"both"` or `"none"`: which LoRA factors take the ROOT
             branch) and
-            ``lora_adjust_lr_fn`` (``"inherit"`` or an ``adjust_lr_fn`` value for the LoRA factors); see
-            ``docs/guides/peft.md``.
+            `lora_adjust_lr_fn` (`"inherit"` or an `adjust_lr_fn` value for the LoRA factors); see
+            `docs/guides/peft.md`.
 
     Returns:
-        The optimizer, with ``routing_summary`` (the logged line) and ``diagnostics_steps`` attributes.
+        The optimizer, with `routing_summary` (the logged line) and `diagnostics_steps` attributes.
 
     Example:
         >>> from transformers import LlamaConfig, LlamaForCausalLM
@@ -341,11 +341,11 @@ def create_root_optimizer(model: nn.Module, args: Any | None = None, **overrides
 
 
 class RootOptimizerFactory:
-    """Builds ROOT from a model: for ``Trainer(optimizer_cls_and_kwargs=(RootOptimizerFactory, {...}))``.
+    """Builds ROOT from a model: for `Trainer(optimizer_cls_and_kwargs=(RootOptimizerFactory, {...}))`.
 
-    ``Trainer`` instantiates the class with no arguments, then calls it with the model and the kwargs (any keyword of
-    :func:`create_root_optimizer`). Give ``lr`` here: ``Trainer`` does not pass ``learning_rate`` on this path (the
-    scheduler then scales it as usual). Needs no registration, so it works even where ``optim="root"`` cannot be.
+    `Trainer` instantiates the class with no arguments, then calls it with the model and the kwargs (any keyword of
+    `create_root_optimizer`). Give `lr` here: `Trainer` does not pass `learning_rate` on this path (the
+    scheduler then scales it as usual). Needs no registration, so it works even where `optim="root"` cannot be.
 
     Example:
         >>> from transformers import LlamaConfig, LlamaForCausalLM
@@ -361,23 +361,23 @@ class RootOptimizerFactory:
 
 
 def root_optimizer_handler(ctx: Any) -> tuple[type[RootOptimizerFactory], dict[str, Any]]:
-    """The ``transformers.trainer_optimizer`` handler for ``optim="root"``: ``(RootOptimizerFactory, kwargs)``.
+    """The `transformers.trainer_optimizer` handler for `optim="root"`: `(RootOptimizerFactory, kwargs)`.
 
-    ``kwargs`` come from ``ctx.args`` (see :func:`create_root_optimizer`); errors in ``optim_args`` and refused setups
-    raise here, when the ``Trainer`` builds its optimizer.
+    `kwargs` come from `ctx.args` (see `create_root_optimizer`); errors in `optim_args` and refused setups
+    raise here, when the `Trainer` builds its optimizer.
     """
     check_root_compatible(ctx.args, ctx.model)
     return RootOptimizerFactory, _kwargs_from_args(ctx.args)
 
 
 def attach_root_diagnostics(trainer: Any, optimizer: Any | None = None) -> RootDiagnosticsCallback | None:
-    """Give ``trainer`` a :class:`~root_hf.RootDiagnosticsCallback` when its optimizer asks for diagnostics.
+    """Give `trainer` a `root_hf.RootDiagnosticsCallback` when its optimizer asks for diagnostics.
 
-    Called by the stock ``Trainer.create_optimizer`` once root_hf is registered (see ``_root_hf_autoload``): when the
-    optimizer (``optimizer``, else ``trainer.optimizer``; accelerate's wrapper is looked through) is a ROOT built by
-    root_hf with ``diagnostics_steps`` > 0 (``optim_args="diagnostics_steps=N"``), the callback goes first in the
-    callbacks, before the reporting integrations, so the statistics reach ``log_history``, ``trainer_state.json`` and
-    every tracker through the normal ``Trainer.log`` path. Idempotent; does nothing otherwise.
+    Called by the stock `Trainer.create_optimizer` once root_hf is registered (see `_root_hf_autoload`): when the
+    optimizer (`optimizer`, else `trainer.optimizer`; accelerate's wrapper is looked through) is a ROOT built by
+    root_hf with `diagnostics_steps` > 0 (`optim_args="diagnostics_steps=N"`), the callback goes first in the
+    callbacks, before the reporting integrations, so the statistics reach `log_history`, `trainer_state.json` and
+    every tracker through the normal `Trainer.log` path. Idempotent; does nothing otherwise.
 
     Returns:
         The callback, or None when nothing was asked for.
@@ -395,17 +395,17 @@ def attach_root_diagnostics(trainer: Any, optimizer: Any | None = None) -> RootD
 
 
 class RootTrainerMixin:
-    """Makes any ``transformers.Trainer`` subclass train with ROOT, without registration: ``class MySFTTrainer(
-    RootTrainerMixin, SFTTrainer)``.
+    """Makes any `transformers.Trainer` subclass train with ROOT, without registration: `class MySFTTrainer(
+    RootTrainerMixin, SFTTrainer)`.
 
-    - ``create_optimizer`` builds ROOT from ``args`` (``learning_rate``, ``weight_decay``, ``adam_beta1/2``,
-      ``adam_epsilon``, ``optim_target_modules``, ROOT keys in ``optim_args``) with routing by role, whatever
-      ``args.optim`` says; weight decay follows ``self.get_decay_parameter_names``. Optimizers passed through
-      ``optimizers=`` or ``optimizer_cls_and_kwargs=`` are used as given.
-    - ROOT's diagnostics go into the training logs every ``diagnostics_steps`` (an ``optim_args`` key; default: every
-      logging step; ``0`` turns them off), through a :class:`~root_hf.RootDiagnosticsCallback` placed before the
+    - `create_optimizer` builds ROOT from `args` (`learning_rate`, `weight_decay`, `adam_beta1/2`,
+      `adam_epsilon`, `optim_target_modules`, ROOT keys in `optim_args`) with routing by role, whatever
+      `args.optim` says; weight decay follows `self.get_decay_parameter_names`. Optimizers passed through
+      `optimizers=` or `optimizer_cls_and_kwargs=` are used as given.
+    - ROOT's diagnostics go into the training logs every `diagnostics_steps` (an `optim_args` key; default: every
+      logging step; `0` turns them off), through a `root_hf.RootDiagnosticsCallback` placed before the
       reporting callbacks, so TensorBoard / W&B / trackio receive them.
-    - ``optim_args`` is validated at construction: an unknown key raises at once, not at ``train()``.
+    - `optim_args` is validated at construction: an unknown key raises at once, not at `train()`.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -421,7 +421,7 @@ class RootTrainerMixin:
             add_root_diagnostics(self, parsed.get("diagnostics_steps"))  # type: ignore[arg-type]
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
-        """Build ROOT (see the class docstring) unless an optimizer or ``optimizer_cls_and_kwargs`` was given."""
+        """Build ROOT (see the class docstring) unless an optimizer or `optimizer_cls_and_kwargs` was given."""
         if self.optimizer is None and getattr(self, "optimizer_cls_and_kwargs", None) is None:  # type: ignore
             opt_model = self.model if model is None else model  # type: ignore[attr-defined]
             self.optimizer = create_root_optimizer(  # type: ignore[attr-defined]
@@ -434,7 +434,7 @@ class RootTrainerMixin:
 
 
 class RootTrainer(RootTrainerMixin, Trainer):
-    """``transformers.Trainer`` that trains with ROOT: see :class:`RootTrainerMixin`. Needs no registration.
+    """`transformers.Trainer` that trains with ROOT: see `RootTrainerMixin`. Needs no registration.
 
     Example:
         >>> import tempfile
