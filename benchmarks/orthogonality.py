@@ -39,9 +39,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import library_versions, machine_dict, machine_info
-from root_hf.optim.adaptive import check_schedule, schedule_source, spectrum_families
-from root_hf.optim.coefficients import ADAPTIVE_BAND, composed_polynomial, get_schedule
 from root_hf.optim.newton_schulz import orthogonalize
+from root_hf.schedules import (
+    ADAPTIVE_BAND,
+    check_schedule,
+    composed_polynomial,
+    get_schedule,
+    schedule_source,
+    spectrum_families,
+)
 
 # The shapes of root_hf issue 3: square, MLP-like, Llama-2-7B MLP, SmolLM2 MLP, LoRA factors (both orientations).
 SHAPES = ((2048, 2048), (2048, 8192), (2048, 16384), (1024, 4096), (576, 1536), (4096, 11008), (16, 4096),

@@ -2,7 +2,7 @@
 
 Newton-Schulz needs whole matrices: orthogonalizing each shard of a sharded matrix on its own is wrong (measured
 relative error 0.43 against the dense result). And under DDP every rank holds the full, identical gradients, so
-repeating every matrix's Newton-Schulz on every rank wastes ``world_size - 1`` of the work. Both cases are solved the
+repeating every matrix's Newton-Schulz on every rank wastes `world_size - 1` of the work. Both cases are solved the
 same way: every matrix gets one *owner* rank (balanced by Newton-Schulz FLOPs); only the owner clips and orthogonalizes
 it; the result is sent back to the ranks that need it.
 
@@ -10,9 +10,9 @@ it; the result is sent back to the ranks that need it.
   the gradients are identical on all ranks, as under DDP): each rank orthogonalizes the matrices it owns (owners
   balanced by Newton-Schulz FLOPs, per expert / block), then one `all_gather` gives every rank every result, bitwise
   identical on all ranks. `process_group=None` (the default) turns it off.
-- FSDP2 (``DTensor`` params with a ``Shard(0)`` placement on a 1-D mesh): one ``all_to_all`` sends each row-shard of
-  ``U_t`` to the matrix's owner, which concatenates the shards (so the quantile threshold is the unsharded one), clips
-  and orthogonalizes; a second ``all_to_all`` sends each rank its rows of the result. Uneven shards work.
+- FSDP2 (`DTensor` params with a `Shard(0)` placement on a 1-D mesh): one `all_to_all` sends each row-shard of
+  `U_t` to the matrix's owner, which concatenates the shards (so the quantile threshold is the unsharded one), clips
+  and orthogonalizes; a second `all_to_all` sends each rank its rows of the result. Uneven shards work.
 - FSDP2 with `matrix_view="batched"` tensors (fused experts `(E, out, in)` sharded `Shard(0)` on the expert dim):
   each rank already holds whole matrices, orthogonalized where they are, without communication.
 
@@ -40,7 +40,7 @@ def _dtensor_type() -> type | None:
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
-    """The local shard of a ``DTensor`` (sharing storage, so in-place updates reach the param), else ``t`` itself."""
+    """The local shard of a `DTensor` (sharing storage, so in-place updates reach the param), else `t` itself."""
     dtensor = _dtensor_type()
     if dtensor is not None and isinstance(t, dtensor):
         return t.to_local()
@@ -48,9 +48,9 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
 
 
 def assign_owners(shapes: list[tuple[int, int]], world_size: int) -> list[int]:
-    """Owner rank of each ``(m, n)`` matrix, balancing Newton-Schulz FLOPs (longest-processing-time-first greedy).
+    """Owner rank of each `(m, n)` matrix, balancing Newton-Schulz FLOPs (longest-processing-time-first greedy).
 
-    One NS step on an ``m x n`` matrix costs ``~2 k^2 (2 K + k)`` FLOPs with ``k = min(m, n)``, ``K = max(m, n)``.
+    One NS step on an `m x n` matrix costs `~2 k^2 (2 K + k)` FLOPs with `k = min(m, n)`, `K = max(m, n)`.
     The assignment depends only on the shapes and their order, so every rank computes the same one.
     """
     cost = [2 * min(s) ** 2 * (2 * max(s) + min(s)) for s in shapes]
@@ -67,8 +67,8 @@ class DistributedPlan:
     """How one ROOT step on a list of matrices is spread over ranks.
 
     Attributes:
-        mode: ``"single"``, ``"ddp"`` or ``"fsdp2"``.
-        group: the process group (None for ``"single"``).
+        mode: `"single"`, `"ddp"` or `"fsdp2"`.
+        group: the process group (None for `"single"`).
         rank, world_size: this process's rank and the group size.
     """
 
@@ -109,7 +109,7 @@ class DistributedPlan:
 
     # -- FSDP2: row shards -> owners -> row shards -------------------------------------------------------------------
     def row_counts(self, local_rows: list[int], device: torch.device) -> list[list[int]]:
-        """``counts[r][i]``: rows of matrix ``i`` held by rank ``r`` (exchanged once per step; tiny)."""
+        """`counts[r][i]`: rows of matrix `i` held by rank `r` (exchanged once per step; tiny)."""
         mine = torch.tensor(local_rows, dtype=torch.int64, device=device)
         every = torch.empty(self.world_size * len(local_rows), dtype=torch.int64, device=device)
         dist.all_gather_into_tensor(every, mine, group=self.group)
@@ -118,7 +118,7 @@ class DistributedPlan:
     def gather_to_owners(
         self, local: list[torch.Tensor], widths: list[int], owners: list[int], counts: list[list[int]]
     ) -> dict[int, torch.Tensor]:
-        """Send each local row-shard ``(rows, n)`` to its matrix's owner; return the full matrices this rank owns."""
+        """Send each local row-shard `(rows, n)` to its matrix's owner; return the full matrices this rank owns."""
         mine = [i for i in range(len(local)) if owners[i] == self.rank]
         send_splits = [
             sum(local[i].numel() for i in range(len(local)) if owners[i] == r) for r in range(self.world_size)
@@ -176,7 +176,7 @@ class DistributedPlan:
         return out
 
     def all_true(self, flag: bool, device: torch.device) -> bool:
-        """Logical AND of ``flag`` over the group (so every rank takes the same branch)."""
+        """Logical AND of `flag` over the group (so every rank takes the same branch)."""
         if self.group is None:
             return flag
         t = torch.tensor([0.0 if flag else 1.0], device=device)

@@ -23,8 +23,8 @@ from typing import Any, Literal
 
 import torch
 
+from ..schedules import Schedule, ScheduleSpec, get_schedule
 from .clip import soft_threshold_clip_
-from .coefficients import Schedule, ScheduleSpec, get_schedule
 from .distributed import DistributedPlan, assign_owners, local_tensor, plan_for
 from .hyperparams import ADJUST_LR_FNS
 from .newton_schulz import NsDtype, newton_schulz, resolve_ns_dtype
@@ -196,7 +196,7 @@ def root(
 
 
 def _momentum_direction_(g: torch.Tensor, buf: torch.Tensor, momentum: float, nesterov: bool) -> torch.Tensor:
-    """Update ``buf`` in place to ``M_t = mu M_{t-1} + G_t``; return ``U_t`` (a new tensor, or ``buf`` itself)."""
+    """Update `buf` in place to `M_t = mu M_{t-1} + G_t`; return `U_t` (a new tensor, or `buf` itself)."""
     buf.mul_(momentum).add_(g)
     return torch.add(g, buf, alpha=momentum) if nesterov else buf  # U_t = G_t + mu M_t
 
@@ -208,8 +208,8 @@ def _out_dtype(ns_steps: int, ns_dtype: NsDtype, device: torch.device, work_dtyp
 class _Step:
     """The matrix work of one ROOT step on one (dtype, device) partition: single process, DDP or FSDP2 rows.
 
-    Weight decay is already applied; each method updates the momentum buffers, computes ``U_t``, clips and
-    orthogonalizes every independent matrix, and adds ``-lr * s(m, n) * X`` to its block of the param.
+    Weight decay is already applied; each method updates the momentum buffers, computes `U_t`, clips and
+    orthogonalizes every independent matrix, and adds `-lr * s(m, n) * X` to its block of the param.
     """
 
     def __init__(
@@ -236,8 +236,8 @@ class _Step:
         matrix_view: str,
         matrix_split: list[Any] | None,
     ) -> None:
-        """Whole matrices on this rank: each same-shape bucket's ``U_t`` is written straight into one
-        ``(batch, m, n)`` buffer, and its update is applied as soon as it is computed (no list of all updates)."""
+        """Whole matrices on this rank: each same-shape bucket's `U_t` is written straight into one
+        `(batch, m, n)` buffer, and its update is applied as soon as it is computed (no list of all updates)."""
         views = [param_view(p.shape, matrix_view, matrix_split) for p in p_loc]
         # a non-contiguous param (e.g. channels_last) is updated through a contiguous copy, written back at the end
         work = [p if p.is_contiguous() else p.contiguous() for p in p_loc]
@@ -286,7 +286,7 @@ class _Step:
         out_dtype: torch.dtype,
     ) -> None:
         """DDP owner split: every independent matrix (an expert, a block) gets one owner, balanced by its NS FLOPs;
-        owners clip and orthogonalize, one ``all_gather`` gives every rank every result (momentum stays replicated)."""
+        owners clip and orthogonalize, one `all_gather` gives every rank every result (momentum stays replicated)."""
         views = [param_view(p.shape, matrix_view, matrix_split) for p in p_loc]
         work = [p if p.is_contiguous() else p.contiguous() for p in p_loc]
         p3 = [as_batch(w, v) for w, v in zip(work, views, strict=True)]
@@ -326,7 +326,7 @@ class _Step:
         views: list[ParamView],
         out_dtype: torch.dtype,
     ) -> None:
-        """FSDP2 row shards of ``(M, N)`` matrix views: one ``all_to_all`` sends each row shard of ``U_t`` to the
+        """FSDP2 row shards of `(M, N)` matrix views: one `all_to_all` sends each row shard of `U_t` to the
         matrix's owner, which clips and orthogonalizes every block of it; a second sends each rank its rows back."""
         shapes = [v.matrix for v in views]
         widths = [n for _, n in shapes]
@@ -389,10 +389,10 @@ def _orthogonalize_batch(
     diagnostics: dict[str, list[torch.Tensor]] | None,
     schedules: Mapping[tuple[int, int], Schedule],
 ) -> torch.Tensor:
-    """``U_t`` (batch, m, n) -> ``X_K``: clip (-> ``B_t``), normalize, cast to the NS dtype, Newton-Schulz.
+    """`U_t` (batch, m, n) -> `X_K`: clip (-> `B_t`), normalize, cast to the NS dtype, Newton-Schulz.
 
-    ``u`` is overwritten. Returns the batch in the NS dtype (the work dtype when ``ns_steps == 0``); tall matrices may
-    come back as a transposed view (see :func:`~root_hf.optim.orthogonalize.newton_schulz`).
+    `u` is overwritten. Returns the batch in the NS dtype (the work dtype when `ns_steps == 0`); tall matrices may
+    come back as a transposed view (see `root_hf.optim.orthogonalize.newton_schulz`).
     """
     work_dtype = u.dtype
     m, n = u.shape[-2:]
@@ -426,7 +426,7 @@ def _orthogonalize_batch(
 
 
 def _ortho_error(x: torch.Tensor) -> torch.Tensor:
-    """``||X X^T - I||_F / sqrt(min(m, n))``: the RMS distance of the singular values' squares from 1."""
+    """`||X X^T - I||_F / sqrt(min(m, n))`: the RMS distance of the singular values' squares from 1."""
     x = x.float()
     gram = x.mT @ x if x.shape[-2] > x.shape[-1] else x @ x.mT
     eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
@@ -447,9 +447,27 @@ def adamw(
     weight_decay: float,
     diagnostics: dict[str, list[torch.Tensor]] | None = None,
 ) -> None:
-    """One AdamW step (Loshchilov & Hutter 2019), with the same arithmetic as ``torch.optim.AdamW(foreach=False)``.
+    r"""One AdamW step (Loshchilov & Hutter 2019), in place, with the arithmetic of `torch.optim.AdamW(foreach=False)`.
+
+    $$
+    m_t = \beta_1 m_{t-1} + (1 - \beta_1) g_t, \quad v_t = \beta_2 v_{t-1} + (1 - \beta_2) g_t^2, \quad
+    W_t = W_{t-1}(1 - \eta\lambda) - \eta \frac{m_t / (1 - \beta_1^t)}{\sqrt{v_t / (1 - \beta_2^t)} + \epsilon}
+    $$
 
     Half-precision params keep float32 moments; their update is computed in float32 and rounded once.
+
+    Args:
+        params: the parameters (local shards under FSDP2: everything here is elementwise).
+        grads: their gradients.
+        exp_avgs: first moments $m$, updated.
+        exp_avg_sqs: second moments $v$, updated.
+        state_steps: one float32 scalar tensor per param, the step count $t$, incremented.
+        lr: learning rate $\eta$.
+        beta1: $\beta_1$.
+        beta2: $\beta_2$.
+        eps: $\epsilon$.
+        weight_decay: decoupled decay $\lambda$.
+        diagnostics: if a dict, each param's update RMS is appended under `update_rms`.
     """
     for p, g, m, v, step_t in zip(params, grads, exp_avgs, exp_avg_sqs, state_steps, strict=False):
         step_t += 1

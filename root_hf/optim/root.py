@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch.optim.optimizer import Optimizer, ParamsT
 
-from .coefficients import Schedule, ScheduleSpec, get_schedule
+from ..schedules import Schedule, ScheduleSpec, get_schedule
 from .distributed import local_tensor, plan_for
 from .functional import (
     AdjustLrFn,
@@ -388,8 +388,8 @@ class ROOT(Optimizer):
 
     def _finish_load(self, sd: dict[str, Any], needed: dict) -> None:
         for group in self.param_groups:
-            for key, value in self.defaults.items():
-                group.setdefault(key, value)  # checkpoints from before a key existed
+            for key in DEFAULTS:
+                group.setdefault(key, self.defaults[key])  # checkpoints from before a key existed
             validate_group(group)
         self._commit_schedules(needed)
         id_map = self._id_map(sd)

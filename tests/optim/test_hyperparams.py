@@ -37,11 +37,10 @@ def test_every_default_passes_its_own_check_and_the_defaults_form_a_valid_group(
 
 def test_optim_args_are_typed():
     parsed = parse_optim_args(
-        "lr=0.01, momentum=0.9,nesterov=false,clip_quantile=none,ns_steps=3,ns_coefficients=muon,eps=1e-6,"
+        "momentum=0.9,nesterov=false,clip_quantile=none,ns_steps=3,ns_coefficients=muon,eps=1e-6,"
         "adjust_lr_fn=none,ns_dtype=bfloat16,adamw_eps=1e-9,nonfinite_grads=skip,lora_policy=both,diagnostics_steps=5"
     )
     assert parsed == {
-        "lr": 0.01,
         "momentum": 0.9,
         "nesterov": False,
         "clip_quantile": None,
@@ -148,3 +147,11 @@ def test_unsafe_ns_coefficients_are_refused_with_the_band_in_the_message(coeffic
 def test_markdown_table_has_one_row_per_hyperparameter():
     rows = markdown_table().splitlines()[2:]
     assert [row.split("`")[1] for row in rows] == list(HYPERPARAMS)
+
+
+def test_the_docs_table_is_the_generated_one():
+    from pathlib import Path
+
+    text = (Path(__file__).parents[2] / "docs" / "algorithm.md").read_text()
+    start, end = "<!-- hyperparams-table:start -->\n", "\n<!-- hyperparams-table:end -->"
+    assert text[text.index(start) + len(start) : text.index(end)] == markdown_table()

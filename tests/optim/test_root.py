@@ -547,8 +547,8 @@ def test_distributed_strategy_is_single_without_a_process_group():
 
 
 def test_schedules_are_resolved_when_params_are_added_never_in_step(monkeypatch):
-    import root_hf.optim.coefficients as coefficients
     import root_hf.optim.functional as functional
+    import root_hf.schedules as schedules
 
     opt = ROOT([torch.nn.Parameter(torch.randn(37, 91))], ns_coefficients="muon")
     assert (37, 91) in opt._schedules[("muon", 5)]
@@ -563,7 +563,7 @@ def test_schedules_are_resolved_when_params_are_added_never_in_step(monkeypatch)
         raise AssertionError("get_schedule called inside step()")
 
     monkeypatch.setattr(functional, "get_schedule", refuse)
-    monkeypatch.setattr(coefficients, "get_schedule", refuse)
+    monkeypatch.setattr(schedules, "get_schedule", refuse)
     for group in opt.param_groups:
         for p in group["params"]:
             p.grad = torch.randn_like(p)
