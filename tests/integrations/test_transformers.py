@@ -198,9 +198,6 @@ def test_trainer_hyperparameters_are_honoured(make_model, make_args, lm_data):
 
 # (optim_args, where to look, expected)
 OPTIM_ARGS_CASES = [
-    ("lr=0.05", "root", "lr", 0.05),
-    ("lr=0.05", "adamw", "lr", 0.05),
-    ("weight_decay=0.2", "root", "weight_decay", 0.2),
     ("momentum=0.8", "root", "momentum", 0.8),
     ("nesterov=false", "root", "nesterov", False),
     ("clip_quantile=none", "root", "clip_quantile", None),
