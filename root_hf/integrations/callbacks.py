@@ -1,17 +1,19 @@
-"""ROOT's live diagnostics in the ``Trainer`` logs (and so in TensorBoard / W&B / trackio when they are enabled).
+"""ROOT's live diagnostics in the `Trainer` logs (and so in TensorBoard / W&B / trackio when they are enabled).
 
-Every ``N`` optimizer steps :class:`RootDiagnosticsCallback` asks :class:`~root_hf.ROOT` to collect statistics during
-that one step (``collect_diagnostics``; costs one extra Gram matrix per shape group, nothing on the other steps) and
-adds them to the next training log line, averaged over the matrices of each branch:
+Every `N` optimizer steps `RootDiagnosticsCallback` asks `root_hf.ROOT` to collect statistics during that one step
+(`collect_diagnostics`; costs one extra Gram matrix per shape group, nothing on the other steps) and adds them to the
+next training log line, averaged over the matrices of each branch:
 
-============================ ===========================================================================
-``root/clip_fraction``       fraction of momentum entries above the quantile threshold (clipped)
-``root/eps_over_rms``        the threshold eps relative to the RMS of the momentum direction
-``root/update_rms``          RMS of the ROOT branch's update (lr x scale x NS output)
-``root/ortho_error``         ``||X X^T - I||_F / sqrt(min(m, n))`` of the Newton-Schulz output: the RMS spread
-                             of its squared singular values around 1 (0 = orthogonal)
-``adamw/update_rms``         RMS of the AdamW branch's update
-============================ ===========================================================================
+| key | meaning |
+|---|---|
+| `root/clip_fraction` | fraction of momentum entries above the quantile threshold (clipped) |
+| `root/eps_over_rms` | the threshold eps relative to the RMS of the momentum direction |
+| `root/update_rms` | RMS of the ROOT branch's update (lr x scale x NS output) |
+| `root/ortho_error` | `norm_F(X X^T - I) / sqrt(min(m, n))` of the Newton-Schulz output X (0 = orthogonal) |
+| `adamw/update_rms` | RMS of the AdamW branch's update |
+
+Under a DDP owner split or FSDP2 the means cover the matrices of every rank. With the stock `Trainer` (or TRL's),
+`optim_args="diagnostics_steps=N"` attaches the callback by itself (see `attach_root_diagnostics`).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ __all__ = ["RootDiagnosticsCallback", "add_root_diagnostics"]
 
 
 def _find_root(optimizer: Any) -> ROOT | None:
-    """The :class:`ROOT` inside ``optimizer`` (unwraps accelerate's ``AcceleratedOptimizer`` and similar)."""
+    """The `ROOT` inside `optimizer` (unwraps accelerate's `AcceleratedOptimizer` and similar)."""
     for _ in range(8):
         if isinstance(optimizer, ROOT):
             return optimizer
@@ -45,15 +47,15 @@ def _validate_steps(every_n_steps: Any) -> int | None:
 
 
 class RootDiagnosticsCallback(TrainerCallback):
-    """Adds ROOT's diagnostics (see the module docstring) to the ``Trainer``'s training logs.
+    """Adds ROOT's diagnostics (see the module docstring) to the `Trainer`'s training logs.
 
     Args:
-        every_n_steps: collect every this many optimizer steps; ``0`` turns collection off. Default (None): the
-            optimizer's ``diagnostics_steps`` (the ``optim_args`` key) if set, else the ``Trainer``'s logging steps.
+        every_n_steps: collect every this many optimizer steps; `0` turns collection off. Default (None): the
+            optimizer's `diagnostics_steps` (the `optim_args` key) if set, else the `Trainer`'s logging steps.
 
     Reporting integrations (TensorBoard, W&B, trackio) see the values only if this callback runs before them: use
-    :func:`add_root_diagnostics` (which puts it first) or :class:`~root_hf.RootTrainer` (which does that itself),
-    rather than ``Trainer(callbacks=[...])`` (which appends it last: then only ``state.log_history`` / the printed logs
+    `add_root_diagnostics` (which puts it first) or `root_hf.RootTrainer` (which does that itself),
+    rather than `Trainer(callbacks=[...])` (which appends it last: then only `state.log_history` / the printed logs
     get the values). Does nothing when the optimizer is not ROOT.
 
     Example:
@@ -122,10 +124,10 @@ class RootDiagnosticsCallback(TrainerCallback):
 
 
 def add_root_diagnostics(trainer: Any, every_n_steps: int | None = None) -> RootDiagnosticsCallback:
-    """Put a :class:`RootDiagnosticsCallback` first in ``trainer``'s callbacks (before the reporting integrations).
+    """Put a `RootDiagnosticsCallback` first in `trainer`'s callbacks (before the reporting integrations).
 
-    Idempotent: an existing one is moved first and given ``every_n_steps`` if that is not None. Use it with the stock
-    ``Trainer`` or TRL trainers and ``optim="root"``; :class:`~root_hf.RootTrainer` does it itself.
+    Idempotent: an existing one is moved first and given `every_n_steps` if that is not None. Use it with the stock
+    `Trainer` or TRL trainers and `optim="root"`; `root_hf.RootTrainer` does it itself.
 
     Returns:
         The callback.

@@ -1,25 +1,29 @@
-"""ROOT in the Hugging Face ``Trainer``: ``optim="root"``, ``RootTrainer``, a factory, ``optim_args`` parsing.
+"""ROOT in the Hugging Face `Trainer`: `optim="root"`, `RootTrainer`, a factory, `optim_args` parsing.
 
 Four ways to train with ROOT, from the most to the least integrated:
 
-1. ``TrainingArguments(optim="root", optim_args="momentum=0.95,clip_quantile=0.9")`` with the **stock**
-   ``transformers.Trainer`` or TRL's ``SFTTrainer`` (``SFTConfig(optim="root")``), and ``--optim root`` on the command
-   line. ``import root_hf`` registers the name (see :mod:`root_hf.integrations._registration`).
-2. :class:`RootTrainer`, or :class:`RootTrainerMixin` in front of any ``Trainer`` subclass (e.g. TRL's): always ROOT,
+1. `TrainingArguments(optim="root", optim_args="momentum=0.95,clip_quantile=0.9")` with the **stock**
+   `transformers.Trainer` or TRL's `SFTTrainer` (`SFTConfig(optim="root")`), `--optim root` on the command
+   line of any `HfArgumentParser` script or `trl sft`, `optim: root` in YAML / JSON configs. The installed
+   startup hook registers the name in every process with no import (`ROOT_HF_AUTOLOAD=0` switches it off; then
+   `import root_hf` registers it): see `_root_hf_autoload`. `optim_args="diagnostics_steps=N"` puts ROOT's
+   diagnostics in the logs.
+2. `RootTrainer`, or `RootTrainerMixin` in front of any `Trainer` subclass (e.g. TRL's): always ROOT,
    no registration needed, and ROOT's diagnostics in the logs.
-3. ``Trainer(..., optimizer_cls_and_kwargs=(RootOptimizerFactory, {"lr": 3e-4}))``: no registration needed.
-4. :func:`create_root_optimizer`: builds the optimizer from a model (and optionally ``TrainingArguments``), for
-   ``Trainer(optimizers=(opt, None))`` or a custom loop.
+3. `Trainer(..., optimizer_cls_and_kwargs=(RootOptimizerFactory, {"lr": 3e-4}))`: no registration needed.
+4. `create_root_optimizer`: builds the optimizer from a model (and optionally `TrainingArguments`), for
+   `Trainer(optimizers=(opt, None))` or a custom loop.
 
-All of them route parameters with :func:`root_hf.integrations.routing.route_parameters` (hidden matrices and PEFT
-LoRA factors to ROOT, as ``lora_policy`` allows: ``lora_B`` only by default; embeddings, LM head, norms, biases, PEFT
-extras to AdamW; or ``optim_target_modules``), train PEFT models' adapters only (frozen weights get no state), log a
-one-line routing summary, honour ``learning_rate``, ``weight_decay``, ``adam_beta1/2`` and ``adam_epsilon``, and refuse
+All of them route parameters with `root_hf.integrations.routing.route_parameters` (hidden matrices and PEFT
+LoRA factors to ROOT, as `lora_policy` allows: `lora_B` only by default; embeddings, LM head, norms, biases, PEFT
+extras to AdamW; or `optim_target_modules`), train PEFT models' adapters only (frozen weights get no state), log a
+one-line routing summary, honour `learning_rate`, `weight_decay`, `adam_beta1/2` and `adam_epsilon`, and refuse
 setups that hand the optimizer flattened parameters (DeepSpeed ZeRO, FSDP1).
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import sys
@@ -33,7 +37,7 @@ from transformers import Trainer
 from ..optim.hyperparams import HYPERPARAMS, Hyperparam, parse_optim_args
 from ..optim.root import ROOT
 from ._registration import OPTIM_NAME, register_root_optimizer
-from .callbacks import add_root_diagnostics
+from .callbacks import RootDiagnosticsCallback, _find_root, add_root_diagnostics
 from .routing import DEFAULT_LORA_POLICY, route_parameters
 
 __all__ = [
@@ -41,11 +45,15 @@ __all__ = [
     "RootOptimizerFactory",
     "RootTrainer",
     "RootTrainerMixin",
+    "attach_root_diagnostics",
     "check_root_compatible",
     "create_root_optimizer",
+    "ddp_process_group_kwargs",
+    "fsdp_version",
     "parse_root_optim_args",
     "register_root_optimizer",
     "root_optimizer_handler",
+    "runs_ddp",
 ]
 
 logger = logging.getLogger(__name__)
@@ -78,6 +86,7 @@ _ROOT_KWARGS = (
     "betas",
     "adamw_eps",
     "nonfinite_grads",
+    "process_group",
 )
 _EXTRA_KWARGS = (
     "adamw_beta1",
@@ -140,39 +149,99 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "false").lower() in ("1", "true", "yes")
 
 
-def check_root_compatible(args: Any | None = None, model: nn.Module | None = None) -> None:
-    """Raise a ``ValueError`` naming the fix if ROOT cannot work in this setup: DeepSpeed, FSDP1 (and, for now, FSDP2).
+def _accelerate_state() -> dict[str, Any]:
+    """accelerate's shared process state (`PartialState` then `AcceleratorState`, which wins), read without
+    creating it: empty when accelerate is not imported or no state exists. `TrainingArguments` resets it, so it
+    describes the current run, never an earlier one."""
+    module = sys.modules.get("accelerate.state")
+    merged: dict[str, Any] = {}
+    for name in ("PartialState", "AcceleratorState"):
+        shared = getattr(getattr(module, name, None), "_shared_state", None)
+        if shared:
+            merged.update(shared)
+    return merged
 
-    Checks ``TrainingArguments`` (``deepspeed``, ``fsdp``, ``fsdp_config["version"]``), the environment that
-    ``accelerate launch`` sets, accelerate's state when an ``Accelerator`` exists, and the model's parameters
-    (DeepSpeed's ``ds_id``, FSDP1's ``FlatParameter``, DTensors).
+
+def _distributed_type(state: Mapping[str, Any]) -> str:
+    value = state.get("distributed_type")
+    return str(getattr(value, "value", value) or "NO")
+
+
+def fsdp_version(args: Any | None = None) -> int | None:
+    """The FSDP version this run uses (1 or 2), or None without FSDP.
+
+    Read from the `TrainingArguments` first (`fsdp` set: `fsdp_config["version"]`, transformers' default 2),
+    else from accelerate's state (`distributed_type` FSDP: `fsdp_plugin.fsdp_version`, as `accelerate launch`
+    with an FSDP config sets it). Never from environment variables: accelerate sets `ACCELERATE_USE_FSDP=true`
+    without `FSDP_VERSION` for FSDP2 too, and leaves it set after the run.
+
+    Example:
+        >>> fsdp_version(None) is None
+        True
+    """
+    if args is not None and getattr(args, "fsdp", None):
+        plugin_args = getattr(args, "fsdp_plugin_args", None)
+        if isinstance(plugin_args, Mapping) and plugin_args.get("fsdp_version") is not None:
+            return int(plugin_args["fsdp_version"])
+        config = args.fsdp_config if isinstance(getattr(args, "fsdp_config", None), Mapping) else {}
+        return int(config.get("version", 2))
+    state = _accelerate_state()
+    if _distributed_type(state) == "FSDP":
+        return int(getattr(state.get("fsdp_plugin"), "fsdp_version", None) or 1)
+    return None
+
+
+def runs_ddp() -> bool:
+    """Whether accelerate runs plain multi-process data parallelism (`MULTI_CPU`, `MULTI_GPU`, `MULTI_XPU`, ...
+    with more than one process): every rank then holds identical gradients at `step()`, so ROOT may split its
+    Newton-Schulz work over the ranks.
+
+    Example:
+        >>> runs_ddp()  # no accelerate state in this process
+        False
+    """
+    state = _accelerate_state()
+    return _distributed_type(state).startswith("MULTI_") and int(state.get("num_processes", 1) or 1) > 1
+
+
+def _root_accepts_default_group() -> bool:
+    """Whether this ROOT understands `process_group="default"` (the redesign of contract.md, whose default is None);
+    the earlier ROOT split the work by itself (`process_group="auto"`) and would reject the string."""
+    parameter = inspect.signature(ROOT.__init__).parameters.get("process_group")
+    return parameter is not None and parameter.default is None
+
+
+def ddp_process_group_kwargs() -> dict[str, Any]:
+    """`{"process_group": "default"}` when the run is DDP (see `runs_ddp`) and ROOT accepts it, else `{}`.
+
+    Passed by the `Trainer` handler, `RootTrainerMixin` and `create_root_optimizer(model, args)`, so that under
+    DDP each rank orthogonalizes its share of the matrices and diagnostics are reduced over all of them.
+    """
+    if runs_ddp() and _root_accepts_default_group():
+        return {"process_group": "default"}
+    return {}
+
+
+def check_root_compatible(args: Any | None = None, model: nn.Module | None = None) -> None:
+    """Raise a `ValueError` naming the fix if ROOT cannot work in this setup: DeepSpeed or FSDP1.
+
+    Checks the `TrainingArguments` (`deepspeed`, `fsdp` and `fsdp_config["version"]`), accelerate's state when
+    one exists (`AcceleratorState.distributed_type` and `fsdp_plugin.fsdp_version`; see `fsdp_version`),
+    `ACCELERATE_USE_DEEPSPEED`, and the model's parameters (DeepSpeed's `ds_id`, FSDP1's `FlatParameter`).
+    FSDP2 (DTensor parameters) is accepted.
 
     Example:
         >>> check_root_compatible(None, torch.nn.Linear(4, 4))  # nothing to refuse
     """
-    if args is not None:
-        if getattr(args, "deepspeed", None) or getattr(args, "hf_deepspeed_config", None) is not None:
-            raise _deepspeed_error()
-        if getattr(args, "fsdp", None):
-            config = args.fsdp_config if isinstance(getattr(args, "fsdp_config", None), dict) else {}
-            version = int(config.get("version", 2))
-            if version != 2 or not FSDP2_SUPPORTED:
-                raise _fsdp_error(version)
-    if _env_flag("ACCELERATE_USE_DEEPSPEED"):
+    if args is not None and getattr(args, "deepspeed", None):
         raise _deepspeed_error()
-    if _env_flag("ACCELERATE_USE_FSDP"):
-        version = int(os.environ.get("FSDP_VERSION", "1"))  # accelerate's default is FSDP1
-        if version != 2 or not FSDP2_SUPPORTED:
-            raise _fsdp_error(version)
-    state_module = sys.modules.get("accelerate.state")
-    shared = getattr(getattr(state_module, "AcceleratorState", None), "_shared_state", None) or {}
-    distributed_type = str(getattr(shared.get("distributed_type"), "value", shared.get("distributed_type")))
-    if distributed_type == "DEEPSPEED":
+    if args is not None and getattr(args, "hf_deepspeed_config", None) is not None:
         raise _deepspeed_error()
-    if distributed_type == "FSDP":
-        version = int(getattr(shared.get("fsdp_plugin"), "fsdp_version", 1))
-        if version != 2 or not FSDP2_SUPPORTED:
-            raise _fsdp_error(version)
+    if _env_flag("ACCELERATE_USE_DEEPSPEED") or _distributed_type(_accelerate_state()) == "DEEPSPEED":
+        raise _deepspeed_error()
+    version = fsdp_version(args)
+    if version is not None and (version != 2 or not FSDP2_SUPPORTED):
+        raise _fsdp_error(version)
     if model is not None:
         for name, p in model.named_parameters():
             if hasattr(p, "ds_id") or hasattr(p, "ds_numel"):
@@ -189,7 +258,7 @@ def check_root_compatible(args: Any | None = None, model: nn.Module | None = Non
 
 
 def _kwargs_from_args(args: Any) -> dict[str, Any]:
-    """ROOT keyword arguments from ``TrainingArguments``: lr, decay, AdamW betas/eps, target modules, optim_args."""
+    """ROOT keyword arguments from `TrainingArguments`: lr, decay, AdamW betas/eps, target modules, optim_args."""
     kwargs: dict[str, Any] = {
         "lr": args.learning_rate,
         "weight_decay": args.weight_decay,
@@ -198,29 +267,30 @@ def _kwargs_from_args(args: Any) -> dict[str, Any]:
         "target_modules": getattr(args, "optim_target_modules", None),
     }
     kwargs.update(parse_root_optim_args(args.optim_args))
+    kwargs.update(ddp_process_group_kwargs())
     return kwargs
 
 
 def create_root_optimizer(model: nn.Module, args: Any | None = None, **overrides: Any) -> ROOT:
-    """Build a :class:`~root_hf.ROOT` optimizer for ``model`` with name/role-based routing.
+    """Build a `root_hf.ROOT` optimizer for `model` with name/role-based routing.
 
     Args:
-        model: the model to train (a ``transformers`` / PEFT / plain torch model). Frozen parameters are left out.
-        args: optional ``TrainingArguments`` (or ``SFTConfig``, ...): ``learning_rate``, ``weight_decay``,
-            ``adam_beta1/2``, ``adam_epsilon``, ``optim_target_modules`` and ``optim_args`` (keys in
-            :data:`OPTIM_ARGS`) are honoured; also refuses DeepSpeed / FSDP1 setups.
-        **overrides: win over ``args``: any ROOT argument (``lr``, ``weight_decay``, ``momentum``, ``nesterov``,
-            ``clip_quantile``, ``ns_steps``, ``ns_coefficients``, ``eps``, ``adjust_lr_fn``, ``ns_dtype``, ``betas``,
-            ``adamw_eps``, ``nonfinite_grads``), and ``adamw_beta1``, ``adamw_beta2``, ``adamw_lr``,
-            ``adamw_weight_decay``, ``target_modules`` (as ``optim_target_modules``), ``decay_parameter_names``,
-            ``diagnostics_steps`` (read by :class:`~root_hf.RootDiagnosticsCallback`), and for PEFT models
-            ``lora_policy`` (``"b_only"``, the default, ``"both"`` or ``"none"``: which LoRA factors take the ROOT
+        model: the model to train (a `transformers` / PEFT / plain torch model). Frozen parameters are left out.
+        args: optional `TrainingArguments` (or `SFTConfig`, ...): `learning_rate`, `weight_decay`,
+            `adam_beta1/2`, `adam_epsilon`, `optim_target_modules` and `optim_args` (keys in
+            `OPTIM_ARGS`) are honoured; also refuses DeepSpeed / FSDP1 setups.
+        **overrides: win over `args`: any ROOT argument (`lr`, `weight_decay`, `momentum`, `nesterov`,
+            `clip_quantile`, `ns_steps`, `ns_coefficients`, `eps`, `adjust_lr_fn`, `ns_dtype`, `betas`,
+            `adamw_eps`, `nonfinite_grads`, `process_group`), and `adamw_beta1`, `adamw_beta2`, `adamw_lr`,
+            `adamw_weight_decay`, `target_modules` (as `optim_target_modules`), `decay_parameter_names`,
+            `diagnostics_steps` (read by `root_hf.RootDiagnosticsCallback`), and for PEFT models
+            `lora_policy` (`"b_only"`, the default, `"both"` or `"none"`: which LoRA factors take the ROOT
             branch) and
-            ``lora_adjust_lr_fn`` (``"inherit"`` or an ``adjust_lr_fn`` value for the LoRA factors); see
-            ``docs/guides/peft.md``.
+            `lora_adjust_lr_fn` (`"inherit"` or an `adjust_lr_fn` value for the LoRA factors); see
+            `docs/guides/peft.md`.
 
     Returns:
-        The optimizer, with ``routing_summary`` (the logged line) and ``diagnostics_steps`` attributes.
+        The optimizer, with `routing_summary` (the logged line) and `diagnostics_steps` attributes.
 
     Example:
         >>> from transformers import LlamaConfig, LlamaForCausalLM
@@ -271,11 +341,11 @@ def create_root_optimizer(model: nn.Module, args: Any | None = None, **overrides
 
 
 class RootOptimizerFactory:
-    """Builds ROOT from a model: for ``Trainer(optimizer_cls_and_kwargs=(RootOptimizerFactory, {...}))``.
+    """Builds ROOT from a model: for `Trainer(optimizer_cls_and_kwargs=(RootOptimizerFactory, {...}))`.
 
-    ``Trainer`` instantiates the class with no arguments, then calls it with the model and the kwargs (any keyword of
-    :func:`create_root_optimizer`). Give ``lr`` here: ``Trainer`` does not pass ``learning_rate`` on this path (the
-    scheduler then scales it as usual). Needs no registration, so it works even where ``optim="root"`` cannot be.
+    `Trainer` instantiates the class with no arguments, then calls it with the model and the kwargs (any keyword of
+    `create_root_optimizer`). Give `lr` here: `Trainer` does not pass `learning_rate` on this path (the
+    scheduler then scales it as usual). Needs no registration, so it works even where `optim="root"` cannot be.
 
     Example:
         >>> from transformers import LlamaConfig, LlamaForCausalLM
@@ -291,13 +361,32 @@ class RootOptimizerFactory:
 
 
 def root_optimizer_handler(ctx: Any) -> tuple[type[RootOptimizerFactory], dict[str, Any]]:
-    """The ``transformers.trainer_optimizer`` handler for ``optim="root"``: ``(RootOptimizerFactory, kwargs)``.
+    """The `transformers.trainer_optimizer` handler for `optim="root"`: `(RootOptimizerFactory, kwargs)`.
 
-    ``kwargs`` come from ``ctx.args`` (see :func:`create_root_optimizer`); errors in ``optim_args`` and refused setups
-    raise here, when the ``Trainer`` builds its optimizer.
+    `kwargs` come from `ctx.args` (see `create_root_optimizer`); errors in `optim_args` and refused setups
+    raise here, when the `Trainer` builds its optimizer.
     """
     check_root_compatible(ctx.args, ctx.model)
     return RootOptimizerFactory, _kwargs_from_args(ctx.args)
+
+
+def attach_root_diagnostics(trainer: Any, optimizer: Any | None = None) -> RootDiagnosticsCallback | None:
+    """Give `trainer` a `root_hf.RootDiagnosticsCallback` when its optimizer asks for diagnostics.
+
+    Called by the stock `Trainer.create_optimizer` once root_hf is registered (see `_root_hf_autoload`): when the
+    optimizer (`optimizer`, else `trainer.optimizer`; accelerate's wrapper is looked through) is a ROOT built by
+    root_hf with `diagnostics_steps` > 0 (`optim_args="diagnostics_steps=N"`), the callback goes first in the
+    callbacks, before the reporting integrations, so the statistics reach `log_history`, `trainer_state.json` and
+    every tracker through the normal `Trainer.log` path. Idempotent; does nothing otherwise.
+
+    Returns:
+        The callback, or None when nothing was asked for.
+    """
+    root = _find_root(optimizer if optimizer is not None else getattr(trainer, "optimizer", None))
+    steps = getattr(root, "diagnostics_steps", None)
+    if root is None or isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
+        return None
+    return add_root_diagnostics(trainer)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -306,17 +395,17 @@ def root_optimizer_handler(ctx: Any) -> tuple[type[RootOptimizerFactory], dict[s
 
 
 class RootTrainerMixin:
-    """Makes any ``transformers.Trainer`` subclass train with ROOT, without registration: ``class MySFTTrainer(
-    RootTrainerMixin, SFTTrainer)``.
+    """Makes any `transformers.Trainer` subclass train with ROOT, without registration: `class MySFTTrainer(
+    RootTrainerMixin, SFTTrainer)`.
 
-    - ``create_optimizer`` builds ROOT from ``args`` (``learning_rate``, ``weight_decay``, ``adam_beta1/2``,
-      ``adam_epsilon``, ``optim_target_modules``, ROOT keys in ``optim_args``) with routing by role, whatever
-      ``args.optim`` says; weight decay follows ``self.get_decay_parameter_names``. Optimizers passed through
-      ``optimizers=`` or ``optimizer_cls_and_kwargs=`` are used as given.
-    - ROOT's diagnostics go into the training logs every ``diagnostics_steps`` (an ``optim_args`` key; default: every
-      logging step; ``0`` turns them off), through a :class:`~root_hf.RootDiagnosticsCallback` placed before the
+    - `create_optimizer` builds ROOT from `args` (`learning_rate`, `weight_decay`, `adam_beta1/2`,
+      `adam_epsilon`, `optim_target_modules`, ROOT keys in `optim_args`) with routing by role, whatever
+      `args.optim` says; weight decay follows `self.get_decay_parameter_names`. Optimizers passed through
+      `optimizers=` or `optimizer_cls_and_kwargs=` are used as given.
+    - ROOT's diagnostics go into the training logs every `diagnostics_steps` (an `optim_args` key; default: every
+      logging step; `0` turns them off), through a `root_hf.RootDiagnosticsCallback` placed before the
       reporting callbacks, so TensorBoard / W&B / trackio receive them.
-    - ``optim_args`` is validated at construction: an unknown key raises at once, not at ``train()``.
+    - `optim_args` is validated at construction: an unknown key raises at once, not at `train()`.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -332,16 +421,9 @@ class RootTrainerMixin:
             add_root_diagnostics(self, parsed.get("diagnostics_steps"))  # type: ignore[arg-type]
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
-        """Build ROOT (see the class docstring) unless an optimizer or ``optimizer_cls_and_kwargs`` was given."""
+        """Build ROOT (see the class docstring) unless an optimizer or `optimizer_cls_and_kwargs` was given."""
         if self.optimizer is None and getattr(self, "optimizer_cls_and_kwargs", None) is None:  # type: ignore
             opt_model = self.model if model is None else model  # type: ignore[attr-defined]
-            if getattr(self, "is_deepspeed_enabled", False):
-                raise _deepspeed_error()
-            plugin = getattr(getattr(getattr(self, "accelerator", None), "state", None), "fsdp_plugin", None)
-            if getattr(self, "is_fsdp_enabled", False) and plugin is not None:
-                version = int(getattr(plugin, "fsdp_version", 1))
-                if version != 2 or not FSDP2_SUPPORTED:
-                    raise _fsdp_error(version)
             self.optimizer = create_root_optimizer(  # type: ignore[attr-defined]
                 opt_model,
                 self.args,  # type: ignore[attr-defined]
@@ -352,7 +434,7 @@ class RootTrainerMixin:
 
 
 class RootTrainer(RootTrainerMixin, Trainer):
-    """``transformers.Trainer`` that trains with ROOT: see :class:`RootTrainerMixin`. Needs no registration.
+    """`transformers.Trainer` that trains with ROOT: see `RootTrainerMixin`. Needs no registration.
 
     Example:
         >>> import tempfile

@@ -23,6 +23,7 @@ from transformers import HfArgumentParser, Trainer, TrainingArguments  # noqa: E
 from transformers.trainer_optimizer import _OPTIMIZER_HANDLERS  # noqa: E402
 from transformers.training_args import OptimizerNames  # noqa: E402
 
+import _root_hf_autoload.registration  # noqa: E402
 import root_hf  # noqa: E402
 from root_hf import ROOT, RootOptimizerFactory, RootTrainer, create_root_optimizer, parse_root_optim_args  # noqa: E402
 from root_hf.integrations import _registration  # noqa: E402
@@ -264,8 +265,8 @@ def test_unknown_optim_args_key_raises_value_error_naming_the_valid_keys(make_mo
     [
         ("momentum=abc", r"\[0, 1\)"),
         ("momentum=1.5", r"\[0, 1\)"),
-        ("nesterov=maybe", "true or false"),
-        ("clip_quantile=0", "none"),
+        ("nesterov=maybe", "(?i)true or false"),
+        ("clip_quantile=0", "(?i)none"),
         ("ns_steps=2.5", "integer"),
         ("ns_coefficients=polar", "root-paper-safe"),
         ("adjust_lr_fn=sqrt", "match_rms_adamw"),
@@ -281,6 +282,63 @@ def test_unknown_optim_args_key_raises_value_error_naming_the_valid_keys(make_mo
 def test_bad_optim_args_value_raises_value_error_saying_what_is_accepted(optim_args, accepted):
     with pytest.raises(ValueError, match=accepted):
         parse_root_optim_args(optim_args)
+
+
+@pytest.mark.parametrize(
+    ("optim_args", "message"),
+    [
+        ("momentum", r"'momentum'.*key=value"),
+        ("momentum=0.9,nesterov", r"'nesterov'.*key=value"),
+        ("momentum=0.9=1", r"0\.9=1"),
+        (",,,", r"key=value"),
+    ],
+)
+def test_malformed_optim_args_through_the_stock_trainer_name_the_item_and_the_format(
+    make_model, make_args, lm_data, optim_args, message
+):
+    """transformers splits "k=v" pairs itself before any handler runs; its errors ("not enough values to unpack")
+    name neither the item nor the format. root_hf checks ROOT's optim_args first."""
+    trainer = Trainer(model=make_model(), args=make_args(optim="root", optim_args=optim_args), train_dataset=lm_data)
+    with pytest.raises(ValueError, match=message) as err:
+        trainer.create_optimizer()
+    assert "unpack" not in str(err.value)
+    with pytest.raises(ValueError, match=message):
+        Trainer.get_optimizer_cls_and_kwargs(trainer.args, trainer.model)
+
+
+def test_optim_args_diagnostics_reach_log_history_and_every_tracker_with_the_stock_trainer(
+    make_model, make_args, lm_data
+):
+    class Tracker(transformers.TrainerCallback):  # stands for TensorBoard / W&B / trackio: reads what on_log gets
+        def __init__(self):
+            self.logged = []
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            self.logged.append(dict(logs or {}))
+
+    tracker = Tracker()
+    args = make_args(optim="root", optim_args="diagnostics_steps=2", max_steps=4, logging_steps=1)
+    trainer = Trainer(model=make_model(), args=args, train_dataset=lm_data, callbacks=[tracker])
+    trainer.train()
+    history = [h for h in trainer.state.log_history if "loss" in h]
+    assert ["root/ortho_error" in h for h in history] == [False, True, False, True]
+    assert ["root/ortho_error" in h for h in tracker.logged if "loss" in h] == [False, True, False, True]
+    assert all(0 <= h["root/clip_fraction"] <= 1 for h in history if "root/clip_fraction" in h)
+
+
+def test_stock_trainer_without_diagnostics_steps_adds_no_callback(make_model, make_args, lm_data):
+    trainer = Trainer(model=make_model(), args=make_args(optim="root", max_steps=1), train_dataset=lm_data)
+    trainer.create_optimizer()
+    assert not any(isinstance(cb, root_hf.RootDiagnosticsCallback) for cb in trainer.callback_handler.callbacks)
+
+
+def test_nonfinite_gradient_error_names_the_trainer_option(make_model, make_args, lm_data):
+    model = make_model()
+    model.model.layers[0].mlp.down_proj.weight.register_hook(lambda grad: grad * float("nan"))
+    trainer = Trainer(model=model, args=make_args(optim="root", max_steps=1), train_dataset=lm_data)
+    with pytest.raises(FloatingPointError) as err:
+        trainer.train()
+    assert 'optim_args="nonfinite_grads=skip"' in str(err.value)
 
 
 def test_create_root_optimizer_rejects_unknown_overrides(make_model):
@@ -323,7 +381,7 @@ def test_registration_never_replaces_an_upstream_member():
 
 
 def test_registration_leaves_an_upstream_root_and_its_handler_alone(monkeypatch):
-    monkeypatch.setattr(_registration, "_warned", set())
+    monkeypatch.setattr(_root_hf_autoload.registration, "_warned", set())
 
     class Upstream(str, enum.Enum):
         ROOT = "root"
@@ -340,7 +398,7 @@ def test_registration_leaves_an_upstream_root_and_its_handler_alone(monkeypatch)
 
 
 def test_unsupported_transformers_version_registers_nothing_and_warns(monkeypatch):
-    monkeypatch.setattr(_registration, "_warned", set())
+    monkeypatch.setattr(_root_hf_autoload.registration, "_warned", set())
     monkeypatch.setattr(sys.modules["transformers"], "__version__", "6.1.0")
 
     class Fresh(str, enum.Enum):
@@ -510,13 +568,21 @@ def _deepspeed_args(make_args):
     return args
 
 
+def _accelerate_shared_state(monkeypatch, **state):
+    """Pretend accelerate's AcceleratorState says ``state`` (restored after the test)."""
+    accelerate_state = pytest.importorskip("accelerate.state")
+    monkeypatch.setattr(accelerate_state.AcceleratorState, "_shared_state", dict(state))
+    monkeypatch.setattr(accelerate_state.PartialState, "_shared_state", {})
+
+
 @pytest.mark.parametrize(
     ("setup", "match"),
     [
         ("deepspeed_args", "DeepSpeed"),
         ("fsdp1_args", "FSDP1"),
         ("deepspeed_env", "DeepSpeed"),
-        ("fsdp1_env", "FSDP1"),
+        ("fsdp1_accelerate_state", "FSDP1"),
+        ("deepspeed_accelerate_state", "DeepSpeed"),
         ("deepspeed_param", "DeepSpeed"),
         ("flat_param", "FSDP1"),
     ],
@@ -530,9 +596,12 @@ def test_flat_parameter_setups_are_refused_with_the_fix(make_model, make_args, m
         args = make_args(optim="root", fsdp=True, fsdp_config={"version": 1})
     elif setup == "deepspeed_env":
         monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    elif setup == "fsdp1_env":
-        monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-        monkeypatch.setenv("FSDP_VERSION", "1")
+    elif setup == "fsdp1_accelerate_state":  # as `accelerate launch` with an FSDP1 config leaves it
+        _accelerate_shared_state(
+            monkeypatch, distributed_type="FSDP", fsdp_plugin=types.SimpleNamespace(fsdp_version=1), num_processes=2
+        )
+    elif setup == "deepspeed_accelerate_state":
+        _accelerate_shared_state(monkeypatch, distributed_type="DEEPSPEED", num_processes=2)
     elif setup == "deepspeed_param":
         model.model.layers[0].self_attn.q_proj.weight.ds_id = 7
     elif setup == "flat_param":
@@ -548,11 +617,45 @@ def test_plain_single_process_setup_is_accepted(make_model, make_args):
     check_root_compatible(make_args(optim="root"), make_model())
 
 
-def test_fsdp2_setup_is_accepted(make_model, make_args, monkeypatch):
+@pytest.mark.parametrize(
+    "setup",
+    [
+        "fsdp2_args",  # TrainingArguments(fsdp="full_shard", fsdp_config={"version": 2})
+        "fsdp_args_default_version",  # transformers' default FSDP version is 2
+        "fsdp2_accelerate_state",  # accelerate launch with an FSDP2 config
+        "accelerate_use_fsdp_env_without_version",  # what accelerate leaves behind after an FSDP2 run
+    ],
+)
+def test_fsdp2_setups_are_accepted(make_model, make_args, monkeypatch, setup):
     """FSDP2 hands ROOT DTensor row shards, which it gathers to whole matrices (tests/distributed/test_fsdp2.py)."""
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    monkeypatch.setenv("FSDP_VERSION", "2")
-    check_root_compatible(make_args(optim="root"), make_model())
+    args = make_args(optim="root")
+    if setup == "fsdp2_args":
+        args = make_args(optim="root", fsdp="full_shard", fsdp_config={"version": 2})
+    elif setup == "fsdp_args_default_version":
+        args = make_args(optim="root", fsdp="full_shard")
+    elif setup == "fsdp2_accelerate_state":
+        _accelerate_shared_state(
+            monkeypatch, distributed_type="FSDP", fsdp_plugin=types.SimpleNamespace(fsdp_version=2), num_processes=2
+        )
+    elif setup == "accelerate_use_fsdp_env_without_version":
+        monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+        monkeypatch.delenv("FSDP_VERSION", raising=False)
+    check_root_compatible(args, make_model())
+    cls, _ = Trainer.get_optimizer_cls_and_kwargs(args, make_model())
+    assert cls is RootOptimizerFactory
+
+
+@pytest.mark.parametrize(
+    ("distributed_type", "num_processes", "ddp"),
+    [("MULTI_CPU", 2, True), ("MULTI_GPU", 4, True), ("MULTI_CPU", 1, False), ("NO", 1, False), ("FSDP", 2, False)],
+)
+def test_ddp_is_recognised_from_accelerate_state(monkeypatch, distributed_type, num_processes, ddp):
+    from root_hf.integrations import transformers as hf
+
+    _accelerate_shared_state(monkeypatch, distributed_type=distributed_type, num_processes=num_processes)
+    assert hf.runs_ddp() is ddp
+    expected = {"process_group": "default"} if ddp and hf._root_accepts_default_group() else {}
+    assert hf.ddp_process_group_kwargs() == expected
 
 
 # --------------------------------------------------------------------------------------------------------------------
