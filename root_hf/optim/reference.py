@@ -15,9 +15,30 @@ import torch
 from torch.optim.optimizer import Optimizer, ParamsT
 
 from .coefficients import DEFAULT_SCHEDULE, ScheduleSpec, get_schedule
-from .root import AdjustLrFn, adjusted_lr_ratio
 
 __all__ = ["RootReference"]
+
+
+def _scale(adjust_lr_fn: str | None, m: int, n: int) -> float:
+    """``s(m, n)``: Moonlight's matched RMS ``0.2 sqrt(max(m, n))``, Muon's ``sqrt(max(1, m / n))``, or 1."""
+    if adjust_lr_fn == "match_rms_adamw":
+        return 0.2 * max(m, n) ** 0.5
+    if adjust_lr_fn == "original":
+        return max(1.0, m / n) ** 0.5
+    return 1.0
+
+
+def _matrices(t: torch.Tensor, view: str, split: list[Any] | None) -> list[torch.Tensor]:
+    """The independent matrices of ``t`` as views of it: ``"flatten"``: the one matrix ``(shape[0], -1)``;
+    ``"batched"``: one ``(out, in)`` matrix per index of the leading dims; then each cut into ``split``'s blocks."""
+    if view == "batched":
+        whole = list(t.reshape(-1, t.shape[-2], t.shape[-1]).unbind(0))
+    else:
+        whole = [t.reshape(t.shape[0], -1)]
+    if split is None:
+        return whole
+    axis, sizes = split
+    return [block for w in whole for block in torch.split(w, list(sizes), dim=axis)]
 
 
 def _threshold(abs_u: torch.Tensor, q: float) -> torch.Tensor:
@@ -32,7 +53,8 @@ def _threshold(abs_u: torch.Tensor, q: float) -> torch.Tensor:
 class RootReference(Optimizer):
     """The ROOT algorithm (arXiv 2511.20626) line by line; see :class:`root_hf.ROOT` for the math and arguments.
 
-    Each ROOT step, per matrix ``W`` (viewed as ``(shape[0], -1)``):
+    Each ROOT step, per matrix ``W`` (``matrix_view="flatten"``: the tensor viewed as ``(shape[0], -1)``;
+    ``"batched"``: each ``(out, in)`` matrix of the last two dims; each cut into the blocks of ``matrix_split``):
 
     1. ``M = mu * M + G``; ``U = G + mu * M`` (Nesterov) or ``U = M``.
     2. ``eps = Quantile_q(|U|)``; ``O = sign(U) * max(|U| - eps, 0)``; ``B = U - O``.
@@ -61,7 +83,7 @@ class RootReference(Optimizer):
         ns_steps: int = 5,
         ns_coefficients: ScheduleSpec = DEFAULT_SCHEDULE,
         eps: float = 1e-7,
-        adjust_lr_fn: AdjustLrFn = "match_rms_adamw",
+        adjust_lr_fn: str | None = "match_rms_adamw",
         betas: tuple[float, float] = (0.9, 0.95),
         adamw_eps: float = 1e-8,
     ) -> None:
@@ -78,6 +100,8 @@ class RootReference(Optimizer):
             betas=betas,
             adamw_eps=adamw_eps,
             use_root=None,
+            matrix_view="flatten",
+            matrix_split=None,
         )
         super().__init__(params, defaults)
 
@@ -111,14 +135,27 @@ class RootReference(Optimizer):
 
     def _root_step(self, p: torch.Tensor, group: dict[str, Any]) -> None:
         lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
-        G = p.grad.reshape(p.shape[0], -1).to(torch.promote_types(p.dtype, torch.float32))
+        dtype = torch.promote_types(p.dtype, torch.float32)
         state = self.state[p]
         if "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros_like(G)
-        M = state["momentum_buffer"]
-        M.copy_(mu * M + G)  # M_t = mu M_{t-1} + G_t
-        U = G + mu * M if group["nesterov"] else M.clone()
+            state["momentum_buffer"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
+        M_all = state["momentum_buffer"]
+        M_all.copy_(mu * M_all + p.grad.to(dtype))  # M_t = mu M_{t-1} + G_t (elementwise, so on the whole tensor)
+        G_all = p.grad.to(dtype)
+        W_all = p.detach().to(dtype).clone()
+        W_all.mul_(1 - lr * wd)  # decoupled weight decay, unscaled lr
+        view, split = group["matrix_view"], group["matrix_split"]
+        for G, M, W in zip(
+            _matrices(G_all, view, split), _matrices(M_all, view, split), _matrices(W_all, view, split), strict=True
+        ):
+            W.sub_(lr * _scale(group["adjust_lr_fn"], *W.shape) * self._direction(G, M, group))
+        p.copy_(W_all)
 
+    def _direction(self, G: torch.Tensor, M: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
+        """``X_K`` of one matrix from its gradient ``G`` and momentum ``M_t``."""
+        U = G + group["momentum"] * M if group["nesterov"] else M.clone()
+        if U.numel() == 0:
+            return U
         if group["clip_quantile"] is not None:
             eps_t = _threshold(U.abs(), group["clip_quantile"])
             O = torch.sign(U) * torch.clamp(U.abs() - eps_t, min=0)  # outliers, discarded  # noqa: E741
@@ -127,22 +164,16 @@ class RootReference(Optimizer):
             B = U
 
         K = group["ns_steps"]
-        if K > 0:
-            X = B / (torch.linalg.matrix_norm(B) + group["eps"])
-            transposed = X.shape[0] > X.shape[1]
-            if transposed:
-                X = X.T
-            for a, b, c in get_schedule(group["ns_coefficients"], tuple(p.shape), K):
-                A = X @ X.T
-                X = a * X + b * (A @ X) + c * (A @ A @ X)
-            if transposed:
-                X = X.T
-        else:
-            X = B
-
-        scale = adjusted_lr_ratio(group["adjust_lr_fn"], tuple(p.shape))
-        new_p = p.to(X.dtype) * (1 - lr * wd) - lr * scale * X.reshape(p.shape)
-        p.copy_(new_p)
+        if K == 0:
+            return B
+        X = B / (torch.linalg.matrix_norm(B) + group["eps"])
+        transposed = X.shape[0] > X.shape[1]
+        if transposed:
+            X = X.T
+        for a, b, c in get_schedule(group["ns_coefficients"], tuple(B.shape), K):
+            A = X @ X.T
+            X = a * X + b * (A @ X) + c * (A @ A @ X)
+        return X.T if transposed else X
 
     def _adamw_step(self, p: torch.Tensor, group: dict[str, Any]) -> None:
         lr, wd = group["lr"], group["weight_decay"]

@@ -17,10 +17,11 @@ from typing import Any, Literal
 import torch
 from torch.optim.optimizer import Optimizer, ParamsT
 
-from ..distributed import assign_owners, local_tensor, plan_for, shape_2d
+from ..distributed import DistributedPlan, assign_owners, local_tensor, plan_for
 from .clip import soft_threshold_clip_
 from .coefficients import DEFAULT_SCHEDULE, ScheduleSpec, get_schedule, normalize_schedule_spec
 from .orthogonalize import NsDtype, newton_schulz, resolve_ns_dtype
+from .views import Block, MatrixView, ParamView, as_batch, normalize_matrix_split, normalize_matrix_view, param_view
 
 __all__ = ["ADJUST_LR_FNS", "ROOT", "adamw", "adjusted_lr_ratio", "root"]
 
@@ -84,16 +85,21 @@ def root(
     eps: float,
     adjust_lr_fn: AdjustLrFn,
     ns_dtype: NsDtype,
+    matrix_view: MatrixView = "flatten",
+    matrix_split: list[Any] | None = None,
     diagnostics: dict[str, list[torch.Tensor]] | None = None,
     process_group: Any = "auto",
 ) -> None:
     r"""One ROOT step on matrix params (functional API; see :class:`ROOT` for the algorithm).
 
-    Matrices are grouped by the shape of their 2-D view ``(shape[0], -1)``; each group is clipped and orthogonalized in
-    one batched call. Under DDP (``process_group``, default: the initialized default group) and FSDP2 (``DTensor``
-    params) each matrix is clipped and orthogonalized by one owner rank only (see :mod:`root_hf.distributed`). If
-    ``diagnostics`` is a dict, per-matrix statistics are appended to it (``clip_fraction``, ``eps_over_rms``,
-    ``update_rms``, ``ortho_error``); this costs one extra Gram matrix per group.
+    Each param holds one or more independent matrices (see :mod:`root_hf.optim.views`: ``matrix_view``,
+    ``matrix_split``); matrices are bucketed by their shape ``(m, n)`` and each bucket is clipped and orthogonalized in
+    one batched call, so a fused ``(E, out, in)`` expert tensor with ``matrix_view="batched"`` contributes ``E``
+    matrices with their own threshold, schedule and scale. Under DDP (``process_group``, default: the initialized
+    default group) and FSDP2 (``DTensor`` params) each matrix is clipped and orthogonalized by one owner rank only (see
+    :mod:`root_hf.distributed`); ``"batched"`` FSDP2 params sharded on a leading dim hold whole matrices locally and
+    are orthogonalized where they are. If ``diagnostics`` is a dict, per-matrix statistics are appended to it
+    (``clip_fraction``, ``eps_over_rms``, ``update_rms``, ``ortho_error``); this costs one extra Gram matrix per group.
     """
     for p in params:
         if p.dim() < 2:
@@ -110,45 +116,44 @@ def root(
         adjust_lr_fn=adjust_lr_fn,
         diagnostics=diagnostics,
     )
+    step = functools.partial(
+        _Step, momentum=momentum, nesterov=nesterov, ortho=ortho, lr=lr, adjust_lr_fn=adjust_lr_fn
+    )
     # Partition by (work dtype, device) so that every collective below moves a single dtype.
     partitions: dict[tuple[torch.dtype, torch.device], list[int]] = defaultdict(list)
     for i, buf in enumerate(momentum_buffers):
         partitions[(buf.dtype, buf.device)].append(i)
     for (work_dtype, device), idx in partitions.items():
-        shapes = [shape_2d(params[i]) for i in idx]
         p_loc = [local_tensor(params[i]) for i in idx]
         g_loc = [local_tensor(grads[i]) for i in idx]
         b_loc = [local_tensor(momentum_buffers[i]) for i in idx]
-        if plan.mode == "single":
-            updates = _orthogonalized_updates_single(g_loc, b_loc, shapes, momentum, nesterov, ortho, work_dtype)
-        elif plan.mode == "ddp":
-            owners = assign_owners(shapes, plan.world_size)
-            u = {}
-            for j, (g, buf) in enumerate(zip(g_loc, b_loc, strict=True)):
-                if owners[j] == plan.rank:
-                    u[j] = _momentum_direction_(g.reshape(shapes[j]), buf.view(shapes[j]), momentum, nesterov)
-                else:
-                    buf.mul_(momentum).add_(g)  # momentum stays replicated; U_t is only needed by the owner
-            results = _orthogonalize_owned(u, shapes, ortho)
-            comm_dtype = _out_dtype(ns_steps, ns_dtype, device, work_dtype)
-            updates = plan.all_gather_results(shapes, owners, results, comm_dtype, device)
-        else:  # fsdp2: local row shards -> owners -> local row shards
-            owners = assign_owners(shapes, plan.world_size)
-            widths = [n for _, n in shapes]
-            local_u = [
-                _momentum_direction_(g.reshape(buf.shape[0], n), buf.view(buf.shape[0], n), momentum, nesterov)
-                for g, buf, n in zip(g_loc, b_loc, widths, strict=True)
-            ]
-            counts = plan.row_counts([t.shape[0] for t in local_u], device)
-            full_u = plan.gather_to_owners(local_u, widths, owners, counts)
-            results = _orthogonalize_owned(full_u, shapes, ortho)
-            comm_dtype = _out_dtype(ns_steps, ns_dtype, device, work_dtype)
-            updates = plan.scatter_from_owners(results, widths, owners, counts, comm_dtype, device)
-        for p, x, shape in zip(p_loc, updates, shapes, strict=True):
-            if weight_decay != 0:
+        if weight_decay != 0:
+            for p in p_loc:
                 p.mul_(1 - lr * weight_decay)  # decoupled decay with the unscaled lr
-            # mixed dtypes promote inside the in-place add; the scale uses the global (unsharded) shape
-            p.add_(x.view_as(p), alpha=-lr * adjusted_lr_ratio(adjust_lr_fn, shape))
+        if plan.mode == "single":
+            step(work_dtype=work_dtype).local(p_loc, g_loc, b_loc, matrix_view, matrix_split)
+            continue
+        out_dtype = _out_dtype(ns_steps, ns_dtype, device, work_dtype)
+        if plan.mode == "ddp":
+            step(work_dtype=work_dtype).ddp(plan, p_loc, g_loc, b_loc, matrix_view, matrix_split, out_dtype)
+            continue
+        # fsdp2: a "batched" tensor sharded on a leading (expert) dim holds whole matrices on each rank: no gather.
+        whole = [j for j, i in enumerate(idx) if matrix_view == "batched" and params[i].dim() >= 3]
+        rows = [j for j in range(len(idx)) if j not in set(whole)]
+        s = step(work_dtype=work_dtype)
+        if whole:
+            s.local(
+                [p_loc[j] for j in whole],
+                [g_loc[j] for j in whole],
+                [b_loc[j] for j in whole],
+                matrix_view,
+                matrix_split,
+            )
+        if rows:
+            views = [param_view(params[idx[j]].shape, matrix_view, matrix_split) for j in rows]
+            s.fsdp2_rows(
+                plan, [p_loc[j] for j in rows], [g_loc[j] for j in rows], [b_loc[j] for j in rows], views, out_dtype
+            )
 
 
 def _momentum_direction_(g: torch.Tensor, buf: torch.Tensor, momentum: float, nesterov: bool) -> torch.Tensor:
@@ -161,47 +166,174 @@ def _out_dtype(ns_steps: int, ns_dtype: NsDtype, device: torch.device, work_dtyp
     return resolve_ns_dtype(ns_dtype, device, work_dtype) if ns_steps > 0 else work_dtype
 
 
-def _orthogonalized_updates_single(
-    g_loc: list[torch.Tensor],
-    b_loc: list[torch.Tensor],
-    shapes: list[tuple[int, int]],
-    momentum: float,
-    nesterov: bool,
-    ortho: Callable[..., torch.Tensor],
-    work_dtype: torch.dtype,
-) -> list[torch.Tensor]:
-    """Single process: ``U_t`` of each same-shape bucket is written straight into one ``(batch, m, n)`` buffer."""
-    buckets: dict[tuple[int, int], list[int]] = defaultdict(list)
-    for j, shape in enumerate(shapes):
-        buckets[shape].append(j)
-    updates: list[torch.Tensor] = [None] * len(shapes)  # type: ignore[list-item]
-    for (m, n), idx in buckets.items():
-        u = torch.empty((len(idx), m, n), dtype=work_dtype, device=b_loc[idx[0]].device)
-        for k, j in enumerate(idx):
-            g, buf = g_loc[j].reshape(m, n), b_loc[j].view(m, n)
-            buf.mul_(momentum).add_(g)  # M_t = mu M_{t-1} + G_t
-            if nesterov:
-                torch.add(g, buf, alpha=momentum, out=u[k])  # U_t = G_t + mu M_t
-            else:
-                u[k].copy_(buf)
-        x = ortho(u)
-        for k, j in enumerate(idx):
-            updates[j] = x[k]
-    return updates
+class _Step:
+    """The matrix work of one ROOT step on one (dtype, device) partition: single process, DDP or FSDP2 rows.
+
+    Weight decay is already applied; each method updates the momentum buffers, computes ``U_t``, clips and
+    orthogonalizes every independent matrix, and adds ``-lr * s(m, n) * X`` to its block of the param.
+    """
+
+    def __init__(
+        self,
+        *,
+        momentum: float,
+        nesterov: bool,
+        ortho: Callable[..., torch.Tensor],
+        lr: float,
+        adjust_lr_fn: AdjustLrFn,
+        work_dtype: torch.dtype,
+    ) -> None:
+        self.momentum, self.nesterov, self.ortho = momentum, nesterov, ortho
+        self.lr, self.adjust_lr_fn, self.work_dtype = lr, adjust_lr_fn, work_dtype
+
+    def _alpha(self, shape: tuple[int, int]) -> float:
+        return -self.lr * adjusted_lr_ratio(self.adjust_lr_fn, shape)
+
+    def local(
+        self,
+        p_loc: list[torch.Tensor],
+        g_loc: list[torch.Tensor],
+        b_loc: list[torch.Tensor],
+        matrix_view: str,
+        matrix_split: list[Any] | None,
+    ) -> None:
+        """Whole matrices on this rank: each same-shape bucket's ``U_t`` is written straight into one
+        ``(batch, m, n)`` buffer, and its update is applied as soon as it is computed (no list of all updates)."""
+        views = [param_view(p.shape, matrix_view, matrix_split) for p in p_loc]
+        # a non-contiguous param (e.g. channels_last) is updated through a contiguous copy, written back at the end
+        work = [p if p.is_contiguous() else p.contiguous() for p in p_loc]
+        p3 = [as_batch(w, v) for w, v in zip(work, views, strict=True)]
+        g3 = [as_batch(g, v) for g, v in zip(g_loc, views, strict=True)]
+        b3 = [as_batch(b, v) for b, v in zip(b_loc, views, strict=True)]
+        buckets: dict[tuple[int, int], list[tuple[int, Block]]] = defaultdict(list)
+        for j, v in enumerate(views):
+            b_loc[j].mul_(self.momentum).add_(g_loc[j])  # M_t = mu M_{t-1} + G_t
+            for blk in v.blocks:
+                if v.batch * blk.shape[0] * blk.shape[1] > 0:  # zero-size matrices: nothing to do
+                    buckets[blk.shape].append((j, blk))
+        for (m, n), entries in buckets.items():
+            u = torch.empty(
+                (sum(views[j].batch for j, _ in entries), m, n), dtype=self.work_dtype, device=b_loc[0].device
+            )
+            k = 0
+            for j, blk in entries:
+                out = u[k : k + views[j].batch]
+                buf = b3[j][:, blk.rows, blk.cols]
+                if self.nesterov:
+                    torch.add(g3[j][:, blk.rows, blk.cols], buf, alpha=self.momentum, out=out)  # U_t = G_t + mu M_t
+                else:
+                    out.copy_(buf)
+                k += views[j].batch
+            x = self.ortho(u)
+            alpha = self._alpha((m, n))
+            k = 0
+            for j, blk in entries:
+                # mixed dtypes promote inside the in-place add
+                p3[j][:, blk.rows, blk.cols].add_(x[k : k + views[j].batch], alpha=alpha)
+                k += views[j].batch
+            del u, x
+        for p, w in zip(p_loc, work, strict=True):
+            if w is not p:
+                p.copy_(w)
+
+    def ddp(
+        self,
+        plan: DistributedPlan,
+        p_loc: list[torch.Tensor],
+        g_loc: list[torch.Tensor],
+        b_loc: list[torch.Tensor],
+        matrix_view: str,
+        matrix_split: list[Any] | None,
+        out_dtype: torch.dtype,
+    ) -> None:
+        """DDP owner split: every independent matrix (an expert, a block) gets one owner, balanced by its NS FLOPs;
+        owners clip and orthogonalize, one ``all_gather`` gives every rank every result (momentum stays replicated)."""
+        views = [param_view(p.shape, matrix_view, matrix_split) for p in p_loc]
+        work = [p if p.is_contiguous() else p.contiguous() for p in p_loc]
+        p3 = [as_batch(w, v) for w, v in zip(work, views, strict=True)]
+        g3 = [as_batch(g, v) for g, v in zip(g_loc, views, strict=True)]
+        b3 = [as_batch(b, v) for b, v in zip(b_loc, views, strict=True)]
+        units = [
+            (j, e, blk)
+            for j, v in enumerate(views)
+            for blk in v.blocks
+            if blk.shape[0] * blk.shape[1] > 0
+            for e in range(v.batch)
+        ]
+        shapes = [blk.shape for _, _, blk in units]
+        owners = assign_owners(shapes, plan.world_size)
+        for j in range(len(views)):
+            b_loc[j].mul_(self.momentum).add_(g_loc[j])  # M_t; U_t is only needed by the owner
+        u = {}
+        for q, (j, e, blk) in enumerate(units):
+            if owners[q] == plan.rank:
+                buf = b3[j][e, blk.rows, blk.cols]
+                u[q] = torch.add(g3[j][e, blk.rows, blk.cols], buf, alpha=self.momentum) if self.nesterov else buf
+        results = _orthogonalize_owned(u, {q: (_whole(shapes[q]),) for q in u}, self.ortho)
+        device = b_loc[0].device if b_loc else torch.device("cpu")
+        updates = plan.all_gather_results(shapes, owners, results, out_dtype, device)
+        for (j, e, blk), x in zip(units, updates, strict=True):
+            p3[j][e, blk.rows, blk.cols].add_(x, alpha=self._alpha(blk.shape))
+        for p, w in zip(p_loc, work, strict=True):
+            if w is not p:
+                p.copy_(w)
+
+    def fsdp2_rows(
+        self,
+        plan: DistributedPlan,
+        p_loc: list[torch.Tensor],
+        g_loc: list[torch.Tensor],
+        b_loc: list[torch.Tensor],
+        views: list[ParamView],
+        out_dtype: torch.dtype,
+    ) -> None:
+        """FSDP2 row shards of ``(M, N)`` matrix views: one ``all_to_all`` sends each row shard of ``U_t`` to the
+        matrix's owner, which clips and orthogonalizes every block of it; a second sends each rank its rows back."""
+        shapes = [v.matrix for v in views]
+        widths = [n for _, n in shapes]
+        owners = assign_owners(shapes, plan.world_size)
+        local_u = [
+            _momentum_direction_(g.reshape(buf.shape[0], n), buf.view(buf.shape[0], n), self.momentum, self.nesterov)
+            for g, buf, n in zip(g_loc, b_loc, widths, strict=True)
+        ]
+        device = b_loc[0].device
+        counts = plan.row_counts([t.shape[0] for t in local_u], device)
+        full_u = plan.gather_to_owners(local_u, widths, owners, counts)
+        results = _orthogonalize_owned(full_u, {i: views[i].blocks for i in full_u}, self.ortho)
+        updates = plan.scatter_from_owners(results, widths, owners, counts, out_dtype, device)
+        for i, (p, x) in enumerate(zip(p_loc, updates, strict=True)):
+            p2 = p.view(x.shape)
+            start = sum(counts[r][i] for r in range(plan.rank))
+            for blk in views[i].blocks:
+                # this rank holds global rows [start, start + rows) of the (M, N) matrix view
+                lo = max(blk.rows.start or 0, start) - start
+                hi = min(blk.rows.stop if blk.rows.stop is not None else shapes[i][0], start + x.shape[0]) - start
+                if hi > lo:
+                    p2[lo:hi, blk.cols].add_(x[lo:hi, blk.cols], alpha=self._alpha(blk.shape))
+
+
+def _whole(shape: tuple[int, int]) -> Block:
+    return Block(slice(None), slice(None), shape)
 
 
 def _orthogonalize_owned(
-    u: dict[int, torch.Tensor], shapes: list[tuple[int, int]], ortho: Callable[..., torch.Tensor]
+    u: dict[int, torch.Tensor], blocks: dict[int, tuple[Block, ...]], ortho: Callable[..., torch.Tensor]
 ) -> dict[int, torch.Tensor]:
-    """Clip and orthogonalize the full matrices this rank owns, batched by shape."""
-    buckets: dict[tuple[int, int], list[int]] = defaultdict(list)
+    """Clip and orthogonalize every block of the full matrices this rank owns, batched by block shape."""
+    buckets: dict[tuple[int, int], list[tuple[int, Block]]] = defaultdict(list)
     for j in sorted(u):
-        buckets[shapes[j]].append(j)
-    results = {}
-    for idx in buckets.values():
-        x = ortho(torch.stack([u[j] for j in idx]))
-        for k, j in enumerate(idx):
-            results[j] = x[k]
+        for blk in blocks[j]:
+            buckets[blk.shape].append((j, blk))
+    results: dict[int, torch.Tensor] = {}
+    for entries in buckets.values():
+        x = ortho(torch.stack([u[j][blk.rows, blk.cols] for j, blk in entries]))
+        for k, (j, blk) in enumerate(entries):
+            if len(blocks[j]) == 1:
+                results[j] = x[k]
+            else:
+                if j not in results:
+                    results[j] = x.new_empty(u[j].shape)
+                results[j][blk.rows, blk.cols] = x[k]
     return results
 
 
@@ -312,6 +444,8 @@ _ROOT_KEYS = (
     "eps",
     "adjust_lr_fn",
     "ns_dtype",
+    "matrix_view",
+    "matrix_split",
 )
 
 
@@ -347,6 +481,8 @@ def _validate_group(group: dict[str, Any]) -> None:
     resolve_ns_dtype(ns_dtype, torch.device("cpu"))
     if isinstance(ns_dtype, torch.dtype):  # keep param_groups plain for torch.load(weights_only=True)
         group["ns_dtype"] = str(ns_dtype).removeprefix("torch.")
+    group["matrix_view"] = normalize_matrix_view(group.get("matrix_view", "flatten"))
+    group["matrix_split"] = normalize_matrix_split(group.get("matrix_split"))
     betas = group["betas"]
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(0 <= b < 1 for b in betas)):
         raise ValueError(f"Invalid betas: {betas!r}. Must be two floats in [0, 1).")
@@ -471,6 +607,8 @@ class ROOT(Optimizer):
             betas=betas,
             adamw_eps=adamw_eps,
             use_root=None,
+            matrix_view="flatten",
+            matrix_split=None,
         )
         _validate_group(dict(defaults))
         super().__init__(params, defaults)
@@ -501,6 +639,7 @@ class ROOT(Optimizer):
             for p in group["params"]:
                 if p.dim() < 2:
                     raise _flat_param_error(tuple(p.shape))
+                param_view(p.shape, group["matrix_view"], group["matrix_split"])  # split sizes must fit
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)

@@ -46,6 +46,76 @@ def param_groups(model: torch.nn.Module) -> list[dict]:
     return [{"params": hidden, "use_root": True}, {"params": other, "use_root": False}]
 
 
+MOE_CONFIG = dict(
+    vocab_size=101,
+    hidden_size=40,
+    intermediate_size=48,
+    moe_intermediate_size=24,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=10,
+    num_experts=3,  # Shard(0) on the expert dim over 2 ranks: 2 experts on rank 0, 1 on rank 1
+    num_experts_per_tok=2,
+    tie_word_embeddings=False,
+)
+
+
+def moe_param_groups(model: torch.nn.Module) -> list[dict]:
+    """Fused experts per expert (gate_up also split into gate and up); q_proj / o_proj split into row / column
+    blocks that cross the row shards; other hidden matrices (k, v, the router) whole; the rest on AdamW."""
+    groups = {
+        "gate_up": {"params": [], "matrix_view": "batched", "matrix_split": [0, [24, 24]]},
+        "down": {"params": [], "matrix_view": "batched"},
+        "q": {"params": [], "matrix_split": [0, [10, 30]]},
+        "o": {"params": [], "matrix_split": [1, [15, 25]]},
+        "hidden": {"params": [], "use_root": True},
+        "other": {"params": [], "use_root": False},
+    }
+    for name, p in model.named_parameters():
+        if "gate_up_proj" in name:
+            key = "gate_up"
+        elif "experts.down_proj" in name:
+            key = "down"
+        elif "q_proj" in name:
+            key = "q"
+        elif "o_proj" in name:
+            key = "o"
+        elif p.dim() >= 2 and "embed_tokens" not in name and "lm_head" not in name:
+            key = "hidden"
+        else:
+            key = "other"
+        groups[key]["params"].append(p)
+    return list(groups.values())
+
+
+def run_moe(mesh, rank: int, world: int, counting, original) -> tuple[float, int]:
+    """3 sharded steps of a tiny Qwen3-MoE against the dense run; returns (max diff, matrices this rank did)."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(0)
+    dense = Qwen3MoeForCausalLM(Qwen3MoeConfig(**MOE_CONFIG))
+    sharded = shard(copy.deepcopy(dense), mesh)
+    opt_dense = ROOT(moe_param_groups(dense), lr=0.02, process_group=None)
+    opt_sharded = ROOT(moe_param_groups(sharded), lr=0.02)
+    g = torch.Generator().manual_seed(2)
+    before = counting.matrices
+    for ids in [torch.randint(0, MOE_CONFIG["vocab_size"], (4, 12), generator=g) for _ in range(3)]:
+        for model, opt, batch, ns in (
+            (sharded, opt_sharded, ids.chunk(world)[rank], counting),
+            (dense, opt_dense, ids, original),
+        ):
+            root_module.newton_schulz = ns
+            opt.zero_grad()
+            model(input_ids=batch, labels=batch).loss.backward()
+            opt.step()
+    root_module.newton_schulz = original
+    diff = max(
+        (full(ps) - pd).abs().max().item() for ps, pd in zip(sharded.parameters(), dense.parameters(), strict=True)
+    )
+    return diff, counting.matrices - before
+
+
 def shard(model: torch.nn.Module, mesh) -> torch.nn.Module:
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh)
@@ -69,7 +139,10 @@ def main() -> None:
 
     def counting(x, schedule):
         counted["matrices"] += x.shape[0]
+        counting.matrices += x.shape[0]
         return original(x, schedule)
+
+    counting.matrices = 0
 
     torch.manual_seed(0)
     dense = LlamaForCausalLM(LlamaConfig(**CONFIG))
@@ -120,6 +193,11 @@ def main() -> None:
     finite = all(torch.isfinite(full(p)).all().item() for p in restored.parameters())
     uneven = [tuple(p.to_local().shape) for p in sharded.parameters() if p.shape[0] % world]
 
+    moe_diff, moe_matrices = run_moe(mesh, rank, world, counting, original)
+    moe_totals = [torch.zeros(1) for _ in range(world)]
+    dist.all_gather(moe_totals, torch.tensor([float(moe_matrices)]))
+    counted["matrices"] -= moe_matrices
+
     totals = [torch.zeros(1) for _ in range(world)]
     dist.all_gather(totals, torch.tensor([float(counted["matrices"])]))
     if rank == 0:
@@ -130,6 +208,8 @@ def main() -> None:
             "finite": finite,
             "uneven_local_shapes": uneven,
             "matrices_per_rank": [int(t.item()) for t in totals],
+            "moe_dense_diff": moe_diff,
+            "moe_matrices_per_rank": [int(t.item()) for t in moe_totals],
         }
         with open(f"{out_dir}/result.json", "w") as f:
             json.dump(result, f)

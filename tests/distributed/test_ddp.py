@@ -17,11 +17,11 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 HERE = Path(__file__).parent
 
 
-def run_torchrun(script: Path, out_dir: Path, timeout: int = 300) -> None:
+def run_torchrun(script: Path, out_dir: Path, *args: str, timeout: int = 300) -> None:
     if shutil.which("torchrun") is None:
         pytest.skip("torchrun is not on PATH")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parents[1]), os.environ.get("PYTHONPATH", "")])}
-    cmd = ["torchrun", "--standalone", "--nproc_per_node", "2", str(script), str(out_dir)]
+    cmd = ["torchrun", "--standalone", "--nproc_per_node", "2", str(script), str(out_dir), *args]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
 
@@ -41,6 +41,25 @@ def test_ddp_splits_the_work_and_matches_single_process(tmp_path):
     # Equal (to fp tolerance) to one process on the whole batch.
     model = ddp_worker.build_model()
     opt = ROOT(model.parameters(), lr=0.02)
+    for x in ddp_worker.batches(3):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+    for p, d in zip(model.parameters(), ranks[0]["params"], strict=True):
+        torch.testing.assert_close(p.detach(), d, rtol=1e-5, atol=1e-6)
+
+
+def test_ddp_with_fused_expert_tensors_matches_single_process(tmp_path):
+    run_torchrun(HERE / "ddp_worker.py", tmp_path, "moe")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for p0, p1 in zip(ranks[0]["params"], ranks[1]["params"], strict=True):
+        assert_equal(p0, p1)
+    # per step: 2 dense matrices + 3 experts x 2 gate/up blocks + 3 down experts, each orthogonalized by one rank
+    counts = [r["matrices"] for r in ranks]
+    assert sum(counts) == (2 + 6 + 3) * 3 and min(counts) > 0
+
+    model = ddp_worker.build("moe")
+    opt = ROOT(ddp_worker.param_groups(model, "moe"), lr=0.02)
     for x in ddp_worker.batches(3):
         opt.zero_grad()
         model(x).square().mean().backward()

@@ -41,3 +41,14 @@ def test_dcp_round_trip_with_its_zero_grad_init_step_changes_nothing(result):
 
 def test_resumed_run_continues_exactly(result):
     assert result["resume_diff"] == 0.0
+
+
+def test_fused_experts_and_split_blocks_equal_the_dense_run(result):
+    assert result["moe_dense_diff"] < 1e-5
+
+
+def test_experts_are_orthogonalized_once_each(result):
+    # per step: q, o as 2 blocks each, k, v, router whole (x 2 layers) = 14; 3 experts x (gate, up, down) x 2 = 18
+    per_rank = result["moe_matrices_per_rank"]
+    assert sum(per_rank) == (14 + 18) * 3
+    assert min(per_rank) > 0
