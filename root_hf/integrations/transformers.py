@@ -36,7 +36,16 @@ from ..optim.orthogonalize import NS_DTYPES
 from ..optim.root import ADJUST_LR_FNS, NONFINITE_MODES, ROOT
 from ._registration import OPTIM_NAME, register_root_optimizer
 from .callbacks import add_root_diagnostics
-from .routing import DEFAULT_LORA_POLICY, LORA_ADJUST_LR_FNS, LORA_POLICIES, route_parameters
+from .routing import (
+    DEFAULT_FUSED_PROJECTIONS,
+    DEFAULT_LORA_POLICY,
+    DEFAULT_ROUTER_BRANCH,
+    FUSED_PROJECTIONS,
+    LORA_ADJUST_LR_FNS,
+    LORA_POLICIES,
+    ROUTER_BRANCHES,
+    route_parameters,
+)
 
 __all__ = [
     "OPTIM_ARGS",
@@ -168,6 +177,14 @@ OPTIM_ARGS: dict[str, OptimArg] = {
         "inherit, match_rms_adamw, original or none",
         "scale of the LoRA factors' orthogonalized update (default: inherit adjust_lr_fn)",
     ),
+    "router_branch": OptimArg(
+        _choice(ROUTER_BRANCHES), f"one of {', '.join(ROUTER_BRANCHES)}", "where MoE routers go (default: adamw)"
+    ),
+    "fused_projections": OptimArg(
+        _choice(FUSED_PROJECTIONS),
+        f"one of {', '.join(FUSED_PROJECTIONS)}",
+        "orthogonalize each block of a fused projection (split, default) or the fused tensor (whole)",
+    ),
 }
 
 # Keyword arguments of create_root_optimizer / RootOptimizerFactory beyond ROOT's own.
@@ -196,6 +213,8 @@ _EXTRA_KWARGS = (
     "diagnostics_steps",
     "lora_policy",
     "lora_adjust_lr_fn",
+    "router_branch",
+    "fused_projections",
 )
 
 
@@ -351,7 +370,9 @@ def create_root_optimizer(model: nn.Module, args: Any | None = None, **overrides
             ``lora_policy`` (``"b_only"``, the default, ``"both"`` or ``"none"``: which LoRA factors take the ROOT
             branch) and
             ``lora_adjust_lr_fn`` (``"inherit"`` or an ``adjust_lr_fn`` value for the LoRA factors); see
-            ``docs/guides/peft.md``.
+            ``docs/guides/peft.md``; for MoE and fused-projection models ``router_branch`` (``"adamw"``, the
+            default, or ``"root"``) and ``fused_projections`` (``"split"``, the default, or ``"whole"``); see
+            ``docs/models.md``.
 
     Returns:
         The optimizer, with ``routing_summary`` (the logged line) and ``diagnostics_steps`` attributes.
@@ -387,8 +408,17 @@ def create_root_optimizer(model: nn.Module, args: Any | None = None, **overrides
 
     lora_policy = kwargs.pop("lora_policy", DEFAULT_LORA_POLICY)
     lora_adjust_lr_fn = kwargs.pop("lora_adjust_lr_fn", "inherit")
+    router_branch = kwargs.pop("router_branch", DEFAULT_ROUTER_BRANCH)
+    fused_projections = kwargs.pop("fused_projections", DEFAULT_FUSED_PROJECTIONS)
 
-    routing = route_parameters(model, target_modules, decay_parameter_names=decay_names, lora_policy=lora_policy)
+    routing = route_parameters(
+        model,
+        target_modules,
+        decay_parameter_names=decay_names,
+        lora_policy=lora_policy,
+        router_branch=router_branch,
+        fused_projections=fused_projections,
+    )
     if not routing.params:
         raise ValueError("create_root_optimizer: the model has no trainable parameters (all require_grad=False).")
     groups = routing.param_groups(
@@ -400,7 +430,7 @@ def create_root_optimizer(model: nn.Module, args: Any | None = None, **overrides
     optimizer = ROOT(groups, betas=betas, **kwargs)
     optimizer.routing_summary = routing.summary()  # type: ignore[attr-defined]
     optimizer.diagnostics_steps = diagnostics_steps  # type: ignore[attr-defined]
-    logger.info("ROOT routing: %s", optimizer.routing_summary)  # type: ignore[attr-defined]
+    routing.log_summary(logger)  # WARNING level: visible at a stock script's default verbosity
     return optimizer
 
 

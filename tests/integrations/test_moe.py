@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from torch import nn
@@ -11,7 +13,7 @@ pytest.importorskip("transformers")
 import transformers
 from transformers import Trainer
 
-import root_hf  # registers optim="root"
+import root_hf  # noqa: F401  (registers optim="root")
 from root_hf import ROOT, route_parameters
 
 SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
@@ -207,14 +209,6 @@ def test_stock_trainer_optim_root_trains_a_tiny_moe(family, make_args, lm_data):
 # One step of a fused expert tensor == ROOT on each expert (and each fused block) as its own 2-D parameter
 # --------------------------------------------------------------------------------------------------------------------
 
-try:  # the optimizer-side matrix views (contract: group keys matrix_view / matrix_split)
-    import root_hf.optim.views  # noqa: F401
-
-    _HAS_VIEWS = True
-except ImportError:
-    _HAS_VIEWS = False
-needs_views = pytest.mark.skipif(not _HAS_VIEWS, reason="ROOT without matrix views (root_hf.optim.views)")
-
 
 def _pieces(t: torch.Tensor, split: tuple[int, tuple[int, ...]] | None) -> list[torch.Tensor]:
     """Expert e's matrix (and its fused blocks) as separate tensors, in (expert, block) order."""
@@ -242,7 +236,6 @@ def _expert_grads(family: str, imbalance: bool) -> list[tuple[str, torch.Tensor,
     return out
 
 
-@needs_views
 @pytest.mark.parametrize("imbalance", [False, True], ids=["plain", "one_expert_10x_and_an_outlier"])
 @pytest.mark.parametrize("family", sorted(MOE_FAMILIES))
 def test_batched_expert_step_equals_root_on_each_expert_as_its_own_matrix(family, imbalance):
@@ -269,7 +262,6 @@ def _as_list(split):
     return None if split is None else [split[0], list(split[1])]
 
 
-@needs_views
 def test_flatten_view_of_fused_experts_is_not_per_expert_root():
     """The old behaviour (one (E, out * in) matrix) differs from per-expert ROOT: the views matter."""
     (_name, weight, grad, _), *_ = _expert_grads("qwen3_moe", imbalance=True)
@@ -282,3 +274,19 @@ def test_flatten_view_of_fused_experts_is_not_per_expert_root():
         results.append(p.detach() - weight)
     flat, batched = results
     assert (flat - batched).norm() / batched.norm() > 0.1
+
+
+def test_trainer_optim_args_and_optim_target_modules_reach_the_routing(make_args, lm_data, caplog):
+    args = make_args(optim="root", optim_args="router_branch=root,fused_projections=whole")
+    with caplog.at_level(logging.WARNING):
+        optimizer = Trainer(model=tiny_moe("qwen3_moe"), args=args, train_dataset=lm_data).create_optimizer()
+    summary = optimizer.routing_summary
+    assert "router 2" in summary.split(";")[0] and "split 0 (fused_projections='whole')" in summary
+    assert any(r.levelno == logging.WARNING and summary in r.getMessage() for r in caplog.records)
+    # the command-line form of optim_target_modules: one string, plain names matching module-name components
+    args = make_args(optim="root", optim_target_modules="self_attn,gate_up_proj")
+    optimizer = Trainer(model=tiny_moe("qwen3_moe"), args=args, train_dataset=lm_data).create_optimizer()
+    assert optimizer.routing_summary.startswith("ROOT: 10 tensors")  # 4 attention matrices + 1 expert x 2 layers
+    with pytest.raises(ValueError, match="matched no trainable parameter's module"):
+        args = make_args(optim="root", optim_target_modules="attn_out")
+        Trainer(model=tiny_moe("qwen3_moe"), args=args, train_dataset=lm_data).create_optimizer()
