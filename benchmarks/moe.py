@@ -7,9 +7,10 @@ Usage:
     python benchmarks/moe.py --quick         # smoke run in seconds (plot under benchmarks/results/moe-quick/)
 
 Task: from-scratch byte-level language modelling of the English chatterbot corpus (the YAML files shipped in the
-`chatterbot_corpus` package, read as raw bytes: vocabulary 256). The files are concatenated in name order; the last
-10% of the bytes are held out. Training batches are random windows of `seq` + 1 bytes drawn from one fixed generator,
-so every configuration sees the same batches in the same order; the model is initialized from the same seed.
+`chatterbot_corpus` package, read as raw bytes: vocabulary 256). The files are concatenated in name order and cut
+into 2 KiB chunks; every 10th chunk is held out, so both parts cover every topic file. Training batches are random
+windows of `seq` + 1 bytes drawn from one fixed generator, so every configuration sees the same batches in the same
+order; the model is initialized from the same seed.
 
 Model: a tiny OLMoE-style causal LM (`OlmoeForCausalLM`: hidden 64, 2 layers, 4 heads, 8 experts of intermediate
 size 64, top-2 routing, no auxiliary loss) whose fused expert tensors are `gate_up_proj (8, 128, 64)` and
@@ -27,8 +28,9 @@ Fused study: `split` (default) vs `whole` for the MoE's expert `gate_up_proj` an
 `gate_up_proj`.
 
 Every configuration: linear warm-up over 10% of the steps then cosine decay to 0, weight decay 0.1, betas
-(0.9, 0.95), a learning-rate sweep over 3 values at seed 0; the best lr (final eval loss) is then run at the other
-seeds and the table reports the mean over seeds. Runs are cached as JSON under `benchmarks/results/moe/`
+(0.9, 0.95), a learning-rate sweep over 3 values at seed 0 (extended by up to two values while the best lr sits at
+an edge of the grid); the best lr (final eval loss) is then run at the other seeds and the table reports the mean
+over seeds. Runs are cached as JSON under `benchmarks/results/moe/`
 (git-ignored), keyed by their configuration, so an interrupted study resumes.
 """
 
@@ -61,7 +63,8 @@ from root_hf.integrations.routing import route_parameters  # noqa: E402
 
 RESULTS = ROOT_DIR / "benchmarks" / "results"
 MOE_CONFIGS = ("adamw", "root_per_expert", "root_per_expert_router_root", "root_fused_old")
-FUSED_CONFIGS = ("moe_split", "moe_whole", "phi3_split", "phi3_whole")
+FUSED_CONFIGS = ("phi3_split", "phi3_whole", "moe_whole", "moe_split")  # moe_split last: cached by --study moe
+LADDER = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)  # learning rates the sweep may extend to
 RUN_AS = {"moe_split": "root_per_expert"}  # the same run: the package default
 LABELS = {
     "adamw": "AdamW",
@@ -108,6 +111,13 @@ def corpus_bytes() -> torch.Tensor:
     folder = Path(next(iter(spec.submodule_search_locations))) / "data" / "english"
     data = b"".join(Path(f).read_bytes() for f in sorted(glob.glob(str(folder / "*.yml"))))
     return torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
+
+
+def split_corpus(data: torch.Tensor, chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, held-out): every 10th chunk of `chunk` bytes is held out, so both cover every topic file."""
+    chunks = list(data.split(chunk))
+    held_out = [c for i, c in enumerate(chunks) if i % 10 == 9]
+    return torch.cat([c for i, c in enumerate(chunks) if i % 10 != 9]), torch.cat(held_out)
 
 
 def windows(data: torch.Tensor, starts: torch.Tensor, seq: int) -> torch.Tensor:
@@ -167,7 +177,8 @@ def build_optimizer(config: str, model: torch.nn.Module, lr: float) -> torch.opt
 
 
 def _key(config: str, lr: float, seed: int, budget: Budget) -> str:
-    text = json.dumps({"config": config, "lr": lr, "seed": seed, "budget": asdict(budget), "v": 1}, sort_keys=True)
+    shape = {k: v for k, v in asdict(budget).items() if k not in ("lrs", "seeds")}  # what changes one run
+    text = json.dumps({"config": config, "lr": lr, "seed": seed, "budget": shape, "v": 2}, sort_keys=True)
     return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
@@ -187,8 +198,7 @@ def run(config: str, lr: float, seed: int, budget: Budget, data: torch.Tensor, c
         return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, budget.steps - warmup)))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    split = int(len(data) * 0.9)
-    train, held_out = data[:split], data[split:]
+    train, held_out = split_corpus(data)
     g = torch.Generator().manual_seed(1234)  # the same batches for every configuration and seed
     eval_batch = windows(
         held_out, torch.linspace(0, len(held_out) - budget.seq - 2, budget.eval_windows).long(), budget.seq
@@ -246,12 +256,28 @@ def study(configs: tuple[str, ...], budget: Budget, cache: Path | None) -> dict[
             train_loss, eval_loss = sweep[lr]
             seconds = result["seconds"]
             print(f"  {config:28s} lr {lr:<6g} train {train_loss:.4f} eval {eval_loss:.4f} ({seconds:.0f} s)")
-        best = min(budget.lrs, key=lambda lr: sweep[lr][1] if math.isfinite(sweep[lr][1]) else float("inf"))
+
+        def score(lr: float, sweep: dict[float, tuple[float, float]] = sweep) -> float:
+            return sweep[lr][1] if math.isfinite(sweep[lr][1]) else float("inf")
+
+        for _ in range(2):  # extend the grid along LADDER while the best lr sits at its edge
+            lrs = sorted(sweep)
+            best = min(lrs, key=score)
+            if len(lrs) < 2 or best not in (lrs[0], lrs[-1]) or best not in LADDER:
+                break
+            step = 1 if best == lrs[-1] else -1
+            if not 0 <= LADDER.index(best) + step < len(LADDER):
+                break
+            lr = LADDER[LADDER.index(best) + step]
+            result = run(RUN_AS.get(config, config), lr, budget.seeds[0], budget, data, cache)
+            sweep[lr] = final(result, budget)
+            print(f"  {config:28s} lr {lr:<6g} train {sweep[lr][0]:.4f} eval {sweep[lr][1]:.4f} (grid edge)")
+        best = min(sweep, key=score)
         results = [run(RUN_AS.get(config, config), best, seed, budget, data, cache) for seed in budget.seeds]
         finals = [final(r, budget) for r in results]
         rows[config] = {
             "lr": best,
-            "sweep": {str(lr): sweep[lr] for lr in budget.lrs},
+            "sweep": {str(lr): sweep[lr] for lr in sorted(sweep)},
             "train": sum(f[0] for f in finals) / len(finals),
             "eval": sum(f[1] for f in finals) / len(finals),
             "eval_seeds": [f[1] for f in finals],
@@ -316,6 +342,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--study", choices=("moe", "fused", "all"), default="moe")
     parser.add_argument("--quick", action="store_true", help="smoke run in seconds; nothing under docs/")
     parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default: 0 1)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None, help="folder of the plots (default: docs/img)")
     args = parser.parse_args(argv)
@@ -323,6 +350,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     budget = QUICK if args.quick else Budget()
     if args.steps:
         budget = Budget(**{**asdict(budget), "steps": args.steps})
+    if args.seeds:
+        budget = Budget(**{**asdict(budget), "seeds": tuple(args.seeds)})
     cache = None if args.quick else RESULTS / "moe"
     img = args.out or (RESULTS / "moe-quick" if args.quick else ROOT_DIR / "docs" / "img")
     print(header(budget), flush=True)

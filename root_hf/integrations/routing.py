@@ -386,18 +386,23 @@ def _num_experts(module: nn.Module) -> int | None:
 
 def _is_router(module: nn.Module | None, module_name: str, modules: dict[str, nn.Module]) -> bool:
     """The router (gate) of a mixture-of-experts block: a router / gating class (`Qwen3MoeTopKRouter`,
-    `GptOssTopKRouter`, `JetMoeTopKGating`, `DbrxRouter`, ...), or a linear `gate` / `router` next to experts."""
+    `GptOssTopKRouter`, `JetMoeTopKGating`, `HunYuanMoEV1Gate`, ...) or a linear layer inside one (`DbrxRouter`,
+    HunYuan's `gate.wg`), or a linear `gate` / `router` next to an experts module."""
     if module is None:
         return False
-    parent_name, _, leaf = module_name.rpartition(".")
-    parent = modules.get(parent_name)
-    for m in (module, parent if isinstance(module, nn.Linear) else None):  # DbrxRouter / JetMoe hold a Linear
+    names = [module_name]
+    if isinstance(module, nn.Linear):  # a Linear held by a router class, or by a `gate` module next to the experts
+        names.append(module_name.rpartition(".")[0])
+    for name in names:
+        m = modules.get(name) if name != module_name else module
         cls = type(m).__name__.lower() if m is not None else ""
-        if "router" in cls or "gating" in cls:
+        if "router" in cls or "gating" in cls or cls.endswith("gate"):
             return True
-    if leaf not in _ROUTER_LEAF_NAMES or not isinstance(module, nn.Linear):
-        return False
-    return parent is not None and any(_is_experts(child) for child in parent.children())
+        parent_name, _, leaf = name.rpartition(".")
+        parent = modules.get(parent_name)
+        if leaf in _ROUTER_LEAF_NAMES and parent is not None and any(_is_experts(c) for c in parent.children()):
+            return True
+    return False
 
 
 def _is_depthwise_conv(module: nn.Module | None, param: torch.Tensor) -> bool:

@@ -290,3 +290,54 @@ def test_trainer_optim_args_and_optim_target_modules_reach_the_routing(make_args
     with pytest.raises(ValueError, match="matched no trainable parameter's module"):
         args = make_args(optim="root", optim_target_modules="attn_out")
         Trainer(model=tiny_moe("qwen3_moe"), args=args, train_dataset=lm_data).create_optimizer()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Every MoE family of the installed transformers that builds from a generic tiny config
+# --------------------------------------------------------------------------------------------------------------------
+
+# Checked with transformers 5.24 (the families whose tiny config builds from the generic overrides below).
+OTHER_MOE_FAMILIES = [
+    "afmoe", "axk1", "bailing_hybrid", "cohere2_moe", "deepseek_v2", "deepseek_v3", "dots1", "ernie4_5_moe",
+    "exaone_moe", "flex_olmo", "glm4_moe", "glm4_moe_lite", "glm_moe_dsa", "granitemoe", "hunyuan_v1_moe", "jetmoe",
+    "minimax", "phimoe", "qwen2_moe", "qwen3_next",
+]  # fmt: skip
+_GENERIC = dict(
+    hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=8, vocab_size=128, num_experts=4, num_local_experts=4, n_routed_experts=4,
+    num_experts_per_tok=2, moe_num_experts=4, max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
+    eos_token_id=2, kv_lora_rank=8, q_lora_rank=8, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, n_group=1,
+    topk_group=1, first_k_dense_replace=0, shared_expert_intermediate_size=16, n_shared_experts=1,
+)  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", OTHER_MOE_FAMILIES)
+def test_every_fused_expert_tensor_of_other_moe_families_is_routed_per_expert(family):
+    from transformers import CONFIG_MAPPING, AutoModelForCausalLM
+
+    config = CONFIG_MAPPING[family](**_GENERIC)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    routing = route_parameters(model)
+    table = routing.table()
+    for name, p in model.named_parameters():
+        role, branch, view, split = table[name]
+        owner = model.get_submodule(name.rpartition(".")[0])
+        if p.dim() >= 3 and not isinstance(owner, nn.modules.conv._ConvNd):
+            assert (role, branch, view) == ("expert_matrix", "root", "batched"), name
+            if name.endswith("gate_up_proj") and getattr(owner, "is_concatenated", False):
+                assert split is not None and split[1][0] == split[1][1], name
+        elif role == "expert_bias":
+            assert branch == "adamw" and not routing.params[list(table).index(name)].decay, name
+    roles = {role for role, *_rest in table.values()}
+    assert {"expert_matrix", "router"} <= roles, roles
+
+
+def test_models_page_examples_run():
+    from pathlib import Path
+
+    from tests.utils import run_markdown_examples
+
+    namespace = run_markdown_examples(Path(__file__).resolve().parents[2] / "docs" / "models.md")
+    assert namespace["opt"].param_groups[0]["matrix_view"] == "batched"
