@@ -322,6 +322,8 @@ def test_every_fused_expert_tensor_of_other_moe_families_is_routed_per_expert(fa
     routing = route_parameters(model)
     table = routing.table()
     for name, p in model.named_parameters():
+        if not p.requires_grad:  # e.g. DeepSeek-style e_score_correction_bias
+            continue
         role, branch, view, split = table[name]
         owner = model.get_submodule(name.rpartition(".")[0])
         if p.dim() >= 3 and not isinstance(owner, nn.modules.conv._ConvNd):
