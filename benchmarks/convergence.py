@@ -51,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import encode_chat_pair, library_versions, machine_dict
 from root_hf import ROOT, get_schedule
-from root_hf.optim import coefficients
+from root_hf import schedules as coefficients
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parents[1]

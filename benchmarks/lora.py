@@ -72,7 +72,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import encode_chat_pair, library_versions, machine_dict
 from root_hf import ROOT, create_root_optimizer
-from root_hf.optim.coefficients import DEFAULT_SCHEDULE
+from root_hf.schedules import DEFAULT_SCHEDULE
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"

@@ -14,7 +14,7 @@ For every shape and spectrum family one test matrix ``G = U diag(s) V^T`` is bui
 
 Its exact polar factor is ``U V^T`` (what a float64 SVD of ``G`` returns), so one factorization per shape serves every
 family, schedule and dtype. Each schedule runs ``K`` Newton-Schulz steps with root_hf's own kernel
-(:func:`root_hf.optim.orthogonalize.orthogonalize`) in float32 and in bfloat16; the table gives the relative
+(:func:`root_hf.optim.newton_schulz.orthogonalize`) in float32 and in bfloat16; the table gives the relative
 Frobenius error ``||X_K - U V^T||_F / ||U V^T||_F`` and the smallest and largest singular value of ``X_K`` (from its
 float64 Gram matrix: eigenvalues for small sides, block power / inverse iteration for large ones).
 
@@ -39,9 +39,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import library_versions, machine_dict, machine_info
-from root_hf.optim.adaptive import check_schedule, schedule_source, spectrum_families
-from root_hf.optim.coefficients import ADAPTIVE_BAND, composed_polynomial, get_schedule
-from root_hf.optim.orthogonalize import orthogonalize
+from root_hf.optim.newton_schulz import orthogonalize
+from root_hf.schedules import (
+    ADAPTIVE_BAND,
+    check_schedule,
+    composed_polynomial,
+    get_schedule,
+    schedule_source,
+    spectrum_families,
+)
 
 # The shapes of root_hf issue 3: square, MLP-like, Llama-2-7B MLP, SmolLM2 MLP, LoRA factors (both orientations).
 SHAPES = ((2048, 2048), (2048, 8192), (2048, 16384), (1024, 4096), (576, 1536), (4096, 11008), (16, 4096),

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from root_hf.optim import coefficients
+from root_hf import schedules as coefficients
 
 VARIANT_TITLES = {
     "clean": "clean",

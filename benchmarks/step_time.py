@@ -48,9 +48,9 @@ from benchmarks.common import (
 )
 from root_hf import ROOT, get_schedule
 from root_hf.optim.clip import soft_threshold_clip_
-from root_hf.optim.coefficients import DEFAULT_SCHEDULE
-from root_hf.optim.orthogonalize import newton_schulz
+from root_hf.optim.newton_schulz import newton_schulz
 from root_hf.optim.root import adjusted_lr_ratio
+from root_hf.schedules import DEFAULT_SCHEDULE
 
 SECTIONS = ("main", "breakdown", "sweep", "memory")
 SWEEP_HIDDEN = (256, 576, 1024, 2048)

@@ -12,7 +12,8 @@ import importlib
 from typing import Any
 
 from .integrations._registration import install_import_hook as _install_import_hook
-from .optim import ROOT, RootReference, get_schedule, orthogonalize, schedule_band
+from .optim import ROOT, RootReference, orthogonalize
+from .schedules import get_schedule, schedule_band
 
 __version__ = "0.1.0"
 

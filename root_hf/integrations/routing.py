@@ -39,7 +39,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ..optim.root import ADJUST_LR_FNS
+from ..optim.hyperparams import FUSED_PROJECTIONS, LORA_ADJUST_LR_FNS, LORA_POLICIES, ROUTER_BRANCHES
 
 __all__ = [
     "ALL_LINEAR",
@@ -99,10 +99,7 @@ _NO_DECAY_ROLES: frozenset[str] = frozenset({"norm", "bias", "expert_bias"})
 # (benchmarks/lora.py, SmolLM2-135M-Instruct LoRA, 4 seeds: lowest eval loss at 40 and at 120 steps; at 120 steps
 # 0.025 below "both" at every seed): see docs/guides/peft.md.
 LoraPolicy = Literal["both", "b_only", "none"]
-LORA_POLICIES: tuple[str, ...] = ("both", "b_only", "none")
 DEFAULT_LORA_POLICY: LoraPolicy = "b_only"
-# Update scale of the LoRA factors on the ROOT branch: "inherit" the optimizer's adjust_lr_fn, or set one of ROOT's.
-LORA_ADJUST_LR_FNS: tuple[str | None, ...] = ("inherit", *ADJUST_LR_FNS)
 _LORA_POLICY_ROOT_ROLES: dict[str, frozenset[str]] = {
     "both": frozenset({"lora_A", "lora_B"}),
     "b_only": frozenset({"lora_B"}),
@@ -111,14 +108,12 @@ _LORA_POLICY_ROOT_ROLES: dict[str, frozenset[str]] = {
 
 # Where the MoE router weight (E, H) goes. Measured (benchmarks/moe.py, docs/models.md): see DEFAULT_ROUTER_BRANCH.
 RouterBranch = Literal["adamw", "root"]
-ROUTER_BRANCHES: tuple[str, ...] = ("adamw", "root")
 # The router reads out one score per expert, like a classifier head over experts; on the tiny OLMoE-style run of
 # benchmarks/moe.py AdamW on the router was as good as or better than ROOT (docs/models.md, "router").
 DEFAULT_ROUTER_BRANCH: RouterBranch = "adamw"
 
 # Fused projections: orthogonalize each logical block ("split") or the fused tensor as one matrix ("whole").
 FusedProjections = Literal["split", "whole"]
-FUSED_PROJECTIONS: tuple[str, ...] = ("split", "whole")
 # Chosen from benchmarks/moe.py --study fused (docs/models.md, "fused projections").
 DEFAULT_FUSED_PROJECTIONS: FusedProjections = "split"
 

@@ -23,29 +23,18 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import Trainer
 
-from ..optim.coefficients import SCHEDULE_NAMES
-from ..optim.orthogonalize import NS_DTYPES
-from ..optim.root import ADJUST_LR_FNS, NONFINITE_MODES, ROOT
+from ..optim.hyperparams import HYPERPARAMS, Hyperparam, parse_optim_args
+from ..optim.root import ROOT
 from ._registration import OPTIM_NAME, register_root_optimizer
 from .callbacks import add_root_diagnostics
-from .routing import (
-    DEFAULT_FUSED_PROJECTIONS,
-    DEFAULT_LORA_POLICY,
-    DEFAULT_ROUTER_BRANCH,
-    FUSED_PROJECTIONS,
-    LORA_ADJUST_LR_FNS,
-    LORA_POLICIES,
-    ROUTER_BRANCHES,
-    route_parameters,
-)
+from .routing import DEFAULT_FUSED_PROJECTIONS, DEFAULT_LORA_POLICY, DEFAULT_ROUTER_BRANCH, route_parameters
 
 __all__ = [
     "OPTIM_ARGS",
@@ -61,8 +50,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# FSDP2 (DTensor params) is supported by ROOT's sharded Newton-Schulz (root_hf.distributed: whole matrices are gathered
-# to an owner rank, orthogonalized and re-sharded); FSDP1 and DeepSpeed ZeRO hand over flat shards and stay refused.
+# FSDP2 (DTensor params) is supported by ROOT's sharded Newton-Schulz (root_hf.optim.distributed: whole matrices are
+# gathered to an owner rank, orthogonalized and re-sharded); FSDP1 and DeepSpeed ZeRO hand over flat shards and stay
+# refused.
 FSDP2_SUPPORTED = True
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -70,122 +60,8 @@ FSDP2_SUPPORTED = True
 # --------------------------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class OptimArg:
-    """One ``optim_args`` key: how its string value converts, what it accepts, what it sets."""
-
-    convert: Callable[[str], Any]
-    accepted: str
-    help: str
-
-
-_TRUE, _FALSE, _NONE = ("true", "1", "yes", "on"), ("false", "0", "no", "off"), ("none", "null")
-
-
-def _bool(value: str) -> bool:
-    if value.lower() in _TRUE:
-        return True
-    if value.lower() in _FALSE:
-        return False
-    raise ValueError
-
-
-def _float_in(check: Callable[[float], bool], none: bool = False) -> Callable[[str], float | None]:
-    def convert(value: str) -> float | None:
-        if none and value.lower() in _NONE:
-            return None
-        number = float(value)
-        if not check(number):
-            raise ValueError
-        return number
-
-    return convert
-
-
-def _int_in(check: Callable[[int], bool]) -> Callable[[str], int]:
-    def convert(value: str) -> int:
-        number = int(value)
-        if not check(number):
-            raise ValueError
-        return number
-
-    return convert
-
-
-def _choice(options: Collection[str | None]) -> Callable[[str], str | None]:
-    def convert(value: str) -> str | None:
-        if value.lower() in _NONE and None in options:
-            return None
-        if value not in options:
-            raise ValueError
-        return value
-
-    return convert
-
-
-def _finite(v: float) -> bool:
-    return v == v and abs(v) != float("inf")
-
-
-OPTIM_ARGS: dict[str, OptimArg] = {
-    "momentum": OptimArg(_float_in(lambda v: 0 <= v < 1), "a float in [0, 1)", "momentum mu of the ROOT branch"),
-    "nesterov": OptimArg(_bool, "true or false", "Nesterov direction U = G + mu M (ROOT branch)"),
-    "clip_quantile": OptimArg(
-        _float_in(lambda v: 0 < v <= 1, none=True),
-        "a float in (0, 1], or none (clipping off)",
-        "quantile level of the outlier soft-threshold",
-    ),
-    "ns_steps": OptimArg(_int_in(lambda v: 0 <= v <= 100), "an integer in [0, 100]", "Newton-Schulz steps"),
-    "ns_coefficients": OptimArg(
-        _choice(SCHEDULE_NAMES), f"one of {', '.join(SCHEDULE_NAMES)}", "Newton-Schulz coefficient schedule"
-    ),
-    "eps": OptimArg(_float_in(lambda v: v >= 0 and _finite(v)), "a float >= 0", "ROOT's normalization epsilon"),
-    "adjust_lr_fn": OptimArg(
-        _choice(ADJUST_LR_FNS), "match_rms_adamw, original or none", "scale of the orthogonalized update"
-    ),
-    "ns_dtype": OptimArg(
-        _choice(("auto", *NS_DTYPES)), f"one of auto, {', '.join(NS_DTYPES)}", "dtype of the Newton-Schulz iteration"
-    ),
-    "adamw_beta1": OptimArg(
-        _float_in(lambda v: 0 <= v < 1), "a float in [0, 1)", "AdamW branch beta1 (default: adam_beta1)"
-    ),
-    "adamw_beta2": OptimArg(
-        _float_in(lambda v: 0 <= v < 1), "a float in [0, 1)", "AdamW branch beta2 (default: adam_beta2)"
-    ),
-    "adamw_eps": OptimArg(
-        _float_in(lambda v: v >= 0 and _finite(v)), "a float >= 0", "AdamW branch epsilon (default: adam_epsilon)"
-    ),
-    "adamw_lr": OptimArg(
-        _float_in(lambda v: v >= 0 and _finite(v)), "a float >= 0", "AdamW branch lr (default: learning_rate)"
-    ),
-    "adamw_weight_decay": OptimArg(
-        _float_in(lambda v: v >= 0 and _finite(v)), "a float >= 0", "AdamW branch decay (default: weight_decay)"
-    ),
-    "nonfinite_grads": OptimArg(
-        _choice(NONFINITE_MODES), f"one of {', '.join(NONFINITE_MODES)}", "what a step does with inf/NaN grads"
-    ),
-    "diagnostics_steps": OptimArg(
-        _int_in(lambda v: v >= 0),
-        "an integer >= 0 (0: off)",
-        "log ROOT diagnostics every N optimizer steps (default: logging_steps)",
-    ),
-    "lora_policy": OptimArg(
-        _choice(LORA_POLICIES), f"one of {', '.join(LORA_POLICIES)}", "which PEFT LoRA factors take the ROOT branch"
-    ),
-    "lora_adjust_lr_fn": OptimArg(
-        _choice(LORA_ADJUST_LR_FNS),
-        "inherit, match_rms_adamw, original or none",
-        "scale of the LoRA factors' orthogonalized update (default: inherit adjust_lr_fn)",
-    ),
-    "router_branch": OptimArg(
-        _choice(ROUTER_BRANCHES), f"one of {', '.join(ROUTER_BRANCHES)}", "where MoE routers go (default: adamw)"
-    ),
-    "fused_projections": OptimArg(
-        _choice(FUSED_PROJECTIONS),
-        f"one of {', '.join(FUSED_PROJECTIONS)}",
-        "orthogonalize each block of a fused projection (split, default) or the fused tensor (whole)",
-    ),
-}
+# The optim_args keys: those of the one hyperparameter table (root_hf.optim.hyperparams) that optim_args may set.
+OPTIM_ARGS: dict[str, Hyperparam] = {name: hp for name, hp in HYPERPARAMS.items() if hp.optim_args}
 
 # Keyword arguments of create_root_optimizer / RootOptimizerFactory beyond ROOT's own.
 _ROOT_KWARGS = (
@@ -219,10 +95,10 @@ _EXTRA_KWARGS = (
 
 
 def parse_root_optim_args(optim_args: str | Mapping[str, Any] | None) -> dict[str, Any]:
-    """Parse ``TrainingArguments.optim_args`` (``"key=value,key=value"``) for ROOT, with typed values.
+    """Parse `TrainingArguments.optim_args` (`"key=value,key=value"`) for ROOT, with typed values.
 
-    Keys are listed in :data:`OPTIM_ARGS`. Spaces are ignored (as ``transformers`` does); ``none`` means None where
-    allowed; booleans are ``true/false`` (also ``1/0``, ``yes/no``).
+    Delegates to `root_hf.optim.hyperparams.parse_optim_args`; the keys are those of `OPTIM_ARGS`. Spaces are ignored
+    (as `transformers` does); `none` means None where allowed; booleans are `true/false` (also `1/0`, `yes/no`).
 
     Raises:
         ValueError: an unknown key (the message lists the valid ones), a malformed entry or a bad value (the message
@@ -232,34 +108,7 @@ def parse_root_optim_args(optim_args: str | Mapping[str, Any] | None) -> dict[st
         >>> parse_root_optim_args("momentum=0.9, nesterov=false, clip_quantile=none, ns_coefficients=muon")
         {'momentum': 0.9, 'nesterov': False, 'clip_quantile': None, 'ns_coefficients': 'muon'}
     """
-    if optim_args is None:
-        return {}
-    if isinstance(optim_args, Mapping):
-        items = [(str(k), str(v)) for k, v in optim_args.items()]
-    elif isinstance(optim_args, str):
-        items = []
-        for entry in optim_args.replace(" ", "").split(","):
-            if not entry:
-                continue
-            key, sep, value = entry.partition("=")
-            if not sep or not key:
-                raise ValueError(
-                    f"Invalid optim_args entry {entry!r} in {optim_args!r}: must be 'key=value'. "
-                    f"Valid keys for optim='root': {', '.join(OPTIM_ARGS)}."
-                )
-            items.append((key, value))
-    else:
-        raise ValueError(f"Invalid optim_args: {optim_args!r}. Must be a 'key=value,key=value' string or None.")
-    parsed: dict[str, Any] = {}
-    for key, value in items:
-        spec = OPTIM_ARGS.get(key)
-        if spec is None:
-            raise ValueError(f"Unknown optim_args key {key!r} for optim='root'. Valid keys: {', '.join(OPTIM_ARGS)}.")
-        try:
-            parsed[key] = spec.convert(value)
-        except ValueError:
-            raise ValueError(f"Invalid optim_args value {key}={value!r}: must be {spec.accepted}.") from None
-    return parsed
+    return parse_optim_args(optim_args)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -1,11 +1,13 @@
 """The ROOT optimizer: class, reference implementation and kernels.
 
-The functional API lives in :mod:`root_hf.optim.root` (``root``, ``adamw``); it is not re-exported here so that
-``root_hf.optim.root`` always names the module.
+Modules: `hyperparams` (the one hyperparameter table), `root` (the `ROOT` class), `functional` (`root()`, `adamw()`),
+`views` (per-parameter matrix views), `clip`, `newton_schulz` (kernels), `distributed` (DDP / FSDP2 execution),
+`reference` (`RootReference`, the specification). Schedules live in `root_hf.schedules`. The functional `root` is not
+re-exported here, so that `root_hf.optim.root` always names the module.
 """
 
-from .coefficients import get_schedule, schedule_band
-from .orthogonalize import orthogonalize
+from ..schedules import get_schedule, schedule_band
+from .newton_schulz import orthogonalize
 from .reference import RootReference
 from .root import ROOT
 

@@ -1,9 +1,9 @@
-"""``RootReference``: ROOT written the way the paper states it, one matrix and one formula at a time.
+"""`RootReference`: ROOT written the way the paper states it, one matrix and one formula at a time.
 
 This is the specification, not the product: it is slow (a Python loop per parameter, an exact quantile with
-``torch.quantile``, every product formed explicitly) and runs in the parameter's dtype, so a float64 model gives a
-float64 reference. :class:`root_hf.ROOT` is tested against it step by step. It has the same hyperparameters and the
-same parameter groups as :class:`root_hf.ROOT`, but no fast paths, no batching, no diagnostics, no non-finite checks.
+`torch.quantile`, every product formed explicitly) and runs in the parameter's dtype, so a float64 model gives a
+float64 reference. `root_hf.ROOT` is tested against it step by step. It has the same hyperparameters and the
+same parameter groups as `root_hf.ROOT`, but no fast paths, no batching, no diagnostics, no non-finite checks.
 """
 
 from __future__ import annotations
@@ -14,13 +14,14 @@ from typing import Any
 import torch
 from torch.optim.optimizer import Optimizer, ParamsT
 
-from .coefficients import DEFAULT_SCHEDULE, ScheduleSpec, get_schedule
+from ..schedules import ScheduleSpec, get_schedule
+from .hyperparams import DEFAULTS, validate_group
 
 __all__ = ["RootReference"]
 
 
 def _scale(adjust_lr_fn: str | None, m: int, n: int) -> float:
-    """``s(m, n)``: Moonlight's matched RMS ``0.2 sqrt(max(m, n))``, Muon's ``sqrt(max(1, m / n))``, or 1."""
+    """`s(m, n)`: Moonlight's matched RMS `0.2 sqrt(max(m, n))`, Muon's `sqrt(max(1, m / n))`, or 1."""
     if adjust_lr_fn == "match_rms_adamw":
         return 0.2 * max(m, n) ** 0.5
     if adjust_lr_fn == "original":
@@ -29,8 +30,8 @@ def _scale(adjust_lr_fn: str | None, m: int, n: int) -> float:
 
 
 def _matrices(t: torch.Tensor, view: str, split: list[Any] | None) -> list[torch.Tensor]:
-    """The independent matrices of ``t`` as views of it: ``"flatten"``: the one matrix ``(shape[0], -1)``;
-    ``"batched"``: one ``(out, in)`` matrix per index of the leading dims; then each cut into ``split``'s blocks."""
+    """The independent matrices of `t` as views of it: `"flatten"`: the one matrix `(shape[0], -1)`;
+    `"batched"`: one `(out, in)` matrix per index of the leading dims; then each cut into `split`'s blocks."""
     if view == "batched":
         whole = list(t.reshape(-1, t.shape[-2], t.shape[-1]).unbind(0))
     else:
@@ -42,7 +43,7 @@ def _matrices(t: torch.Tensor, view: str, split: list[Any] | None) -> list[torch
 
 
 def _threshold(abs_u: torch.Tensor, q: float) -> torch.Tensor:
-    """``eps_t = Quantile_q(|U_t|)``; if that is 0 (>= q of the entries are exactly 0), the quantile of non-zeros."""
+    """`eps_t = Quantile_q(|U_t|)`; if that is 0 (>= q of the entries are exactly 0), the quantile of non-zeros."""
     eps = torch.quantile(abs_u.flatten(), q)
     nonzero = abs_u[abs_u > 0]
     if eps == 0 and nonzero.numel() > 0:
@@ -51,19 +52,34 @@ def _threshold(abs_u: torch.Tensor, q: float) -> torch.Tensor:
 
 
 class RootReference(Optimizer):
-    """The ROOT algorithm (arXiv 2511.20626) line by line; see :class:`root_hf.ROOT` for the math and arguments.
+    """The ROOT algorithm (arXiv 2511.20626) line by line; see `root_hf.ROOT` for the math and arguments.
 
-    Each ROOT step, per matrix ``W`` (``matrix_view="flatten"``: the tensor viewed as ``(shape[0], -1)``;
-    ``"batched"``: each ``(out, in)`` matrix of the last two dims; each cut into the blocks of ``matrix_split``):
+    Each ROOT step, per matrix `W` (`matrix_view="flatten"`: the tensor viewed as `(shape[0], -1)`;
+    `"batched"`: each `(out, in)` matrix of the last two dims; each cut into the blocks of `matrix_split`):
 
-    1. ``M = mu * M + G``; ``U = G + mu * M`` (Nesterov) or ``U = M``.
-    2. ``eps = Quantile_q(|U|)``; ``O = sign(U) * max(|U| - eps, 0)``; ``B = U - O``.
-    3. ``X = B / (||B||_F + eps_ns)``; transpose so rows <= cols; ``K`` times ``A = X X^T``,
-       ``X = a X + b A X + c A A X`` with the schedule's ``(a, b, c)`` for that step; transpose back.
-    4. ``W = W * (1 - lr * wd) - lr * s(m, n) * X``.
+    1. `M = mu * M + G`; `U = G + mu * M` (Nesterov) or `U = M`.
+    2. `eps = Quantile_q(|U|)`; `O = sign(U) * max(|U| - eps, 0)`; `B = U - O`.
+    3. `X = B / (||B||_F + eps_ns)`; transpose so rows <= cols; `K` times `A = X X^T`,
+       `X = a X + b A X + c A A X` with the schedule's `(a, b, c)` for that step; transpose back.
+    4. `W = W * (1 - lr * wd) - lr * s(m, n) * X`.
 
-    AdamW branch: ``m = b1 m + (1 - b1) g``, ``v = b2 v + (1 - b2) g^2``,
-    ``W = W (1 - lr wd) - lr (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps_adam)``.
+    AdamW branch: `m = b1 m + (1 - b1) g`, `v = b2 v + (1 - b2) g^2`,
+    `W = W (1 - lr wd) - lr (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps_adam)`.
+
+    Args:
+        params: parameters or param groups, as for `root_hf.ROOT` (the same group keys, validated by the same table).
+        lr: see `root_hf.ROOT`; every hyperparameter has its name and default (no `ns_dtype`: the reference runs in the
+            parameter's dtype, float32 or wider; no `nonfinite_grads` or `process_group`).
+        weight_decay: see `root_hf.ROOT`.
+        momentum: see `root_hf.ROOT`.
+        nesterov: see `root_hf.ROOT`.
+        clip_quantile: see `root_hf.ROOT`.
+        ns_steps: see `root_hf.ROOT`.
+        ns_coefficients: see `root_hf.ROOT`.
+        eps: see `root_hf.ROOT`.
+        adjust_lr_fn: see `root_hf.ROOT`.
+        betas: see `root_hf.ROOT`.
+        adamw_eps: see `root_hf.ROOT`.
 
     Example:
         >>> w = torch.nn.Parameter(torch.randn(4, 6, dtype=torch.float64))
@@ -75,19 +91,20 @@ class RootReference(Optimizer):
     def __init__(
         self,
         params: ParamsT,
-        lr: float = 1e-3,
-        weight_decay: float = 0.1,
-        momentum: float = 0.95,
-        nesterov: bool = True,
-        clip_quantile: float | None = 0.90,
-        ns_steps: int = 5,
-        ns_coefficients: ScheduleSpec = DEFAULT_SCHEDULE,
-        eps: float = 1e-7,
-        adjust_lr_fn: str | None = "match_rms_adamw",
-        betas: tuple[float, float] = (0.9, 0.95),
-        adamw_eps: float = 1e-8,
+        lr: float = DEFAULTS["lr"],
+        weight_decay: float = DEFAULTS["weight_decay"],
+        momentum: float = DEFAULTS["momentum"],
+        nesterov: bool = DEFAULTS["nesterov"],
+        clip_quantile: float | None = DEFAULTS["clip_quantile"],
+        ns_steps: int = DEFAULTS["ns_steps"],
+        ns_coefficients: ScheduleSpec = DEFAULTS["ns_coefficients"],
+        eps: float = DEFAULTS["eps"],
+        adjust_lr_fn: str | None = DEFAULTS["adjust_lr_fn"],
+        betas: tuple[float, float] = DEFAULTS["betas"],
+        adamw_eps: float = DEFAULTS["adamw_eps"],
     ) -> None:
         defaults = dict(
+            DEFAULTS,
             lr=lr,
             weight_decay=weight_decay,
             momentum=momentum,
@@ -99,22 +116,15 @@ class RootReference(Optimizer):
             adjust_lr_fn=adjust_lr_fn,
             betas=betas,
             adamw_eps=adamw_eps,
-            use_root=None,
-            matrix_view="flatten",
-            matrix_split=None,
         )
+        validate_group(defaults)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """A group without ``use_root`` is split by ndim, as in :class:`root_hf.ROOT`."""
-        if param_group.get("use_root", self.defaults["use_root"]) is None:
-            params = list(param_group["params"])
-            for flag in (True, False):
-                members = [p for p in params if (p.dim() >= 2) == flag]
-                if members:
-                    super().add_param_group({**param_group, "params": members, "use_root": flag})
-            return
+        """Add a group, validated against the hyperparameter table (as `root_hf.ROOT`)."""
+        validate_group({**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}})
         super().add_param_group(param_group)
+        validate_group(self.param_groups[-1])
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
@@ -127,7 +137,8 @@ class RootReference(Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                if group["use_root"]:
+                use_root = group["use_root"]
+                if p.dim() >= 2 if use_root is None else use_root:  # the branch, per parameter
                     self._root_step(p, group)
                 else:
                     self._adamw_step(p, group)
@@ -152,7 +163,7 @@ class RootReference(Optimizer):
         p.copy_(W_all)
 
     def _direction(self, G: torch.Tensor, M: torch.Tensor, group: dict[str, Any]) -> torch.Tensor:
-        """``X_K`` of one matrix from its gradient ``G`` and momentum ``M_t``."""
+        """`X_K` of one matrix from its gradient `G` and momentum `M_t`."""
         U = G + group["momentum"] * M if group["nesterov"] else M.clone()
         if U.numel() == 0:
             return U

@@ -1,440 +1,50 @@
-"""ROOT: Robust Orthogonalized Optimizer (He et al. 2025, arXiv 2511.20626), the fast implementation.
+r"""`ROOT`, the optimizer class: validates hyperparameters, resolves schedules, owns the state, runs the step.
 
-Layers, as in ``torch.optim``: :class:`ROOT` validates hyperparameters and owns the state; the functional
-:func:`root` and :func:`adamw` run one step of each branch on lists of tensors; the private kernels below them are pure
-tensor code. :class:`root_hf.RootReference` is the slow, line-by-line specification this file is tested against.
+The layers follow `torch.optim`: this class validates every param group against the one hyperparameter table
+(`root_hf.optim.hyperparams`), resolves each matrix's Newton-Schulz schedule when its parameter is added, and owns the
+state; `root_hf.optim.functional` runs one step of each branch on lists of tensors; the kernels under it are pure
+tensor code.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import warnings
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 from torch.optim.optimizer import Optimizer, ParamsT
 
-from ..distributed import DistributedPlan, assign_owners, local_tensor, plan_for
-from .clip import soft_threshold_clip_
-from .coefficients import DEFAULT_SCHEDULE, ScheduleSpec, get_schedule, normalize_schedule_spec
-from .orthogonalize import NsDtype, newton_schulz, resolve_ns_dtype
-from .views import Block, MatrixView, ParamView, as_batch, normalize_matrix_split, normalize_matrix_view, param_view
+from ..schedules import Schedule, ScheduleSpec, get_schedule
+from .distributed import local_tensor, plan_for
+from .functional import (
+    AdjustLrFn,
+    _flat_param_error,
+    adamw,
+    adjusted_lr_ratio,  # noqa: F401  (its home before root_hf.optim.functional existed)
+    root,
+)
+from .hyperparams import (
+    ADJUST_LR_FNS,  # noqa: F401  (idem)
+    DEFAULTS,
+    HYPERPARAMS,
+    NONFINITE_MODES,
+    check_process_group,
+    validate_group,
+)
+from .newton_schulz import NsDtype
+from .views import param_view
 
-__all__ = ["ADJUST_LR_FNS", "ROOT", "adamw", "adjusted_lr_ratio", "root"]
+__all__ = ["ROOT"]
 
-AdjustLrFn = Literal["match_rms_adamw", "original"] | None
-ADJUST_LR_FNS = ("match_rms_adamw", "original", None)
 NonfiniteGrads = Literal["raise", "skip", "ignore"]
-NONFINITE_MODES = ("raise", "skip", "ignore")
 _HALF = (torch.float16, torch.bfloat16)
-
-
-def adjusted_lr_ratio(adjust_lr_fn: AdjustLrFn, shape: Iterable[int]) -> float:
-    """Scale of the orthogonalized update for a weight whose 2-D view is ``(m, n)``.
-
-    ``"match_rms_adamw"``: ``0.2 * sqrt(max(m, n))`` (Moonlight, Liu et al. 2025, arXiv 2502.16982): matches the update
-    RMS of AdamW so lr and weight decay tuned for AdamW carry over. ``"original"``: ``sqrt(max(1, m / n))`` (Keller
-    Jordan's Muon). ``None``: 1 (no adjustment; note that ``torch.optim.Muon`` reads ``None`` as ``"original"``).
-    """
-    shape = tuple(shape)
-    m, n = shape[0], math.prod(shape[1:])
-    if adjust_lr_fn == "match_rms_adamw":
-        return 0.2 * math.sqrt(max(m, n))
-    if adjust_lr_fn == "original":
-        return math.sqrt(max(1.0, m / n))
-    if adjust_lr_fn is None:
-        return 1.0
-    raise ValueError(f"Invalid adjust_lr_fn: {adjust_lr_fn!r}. Must be one of {ADJUST_LR_FNS}.")
-
-
-def _state_dtype(param: torch.Tensor) -> torch.dtype:
-    """Optimizer state is float32 for half-precision params, else the param's own dtype (float64 stays float64)."""
-    return torch.float32 if param.dtype in _HALF else param.dtype
-
-
-def _flat_param_error(shape: tuple[int, ...]) -> ValueError:
-    return ValueError(
-        f"ROOT received a parameter of shape {shape} in a use_root=True group, but it orthogonalizes matrices "
-        "(2 or more dims). If your model has no such 1-D weights, the parameters were flattened by the training "
-        "framework: FSDP1 (use_orig_params) and DeepSpeed ZeRO hand optimizers flat 1-D shards, on which "
-        "orthogonalization is impossible. Use FSDP2 (fsdp_version=2) or DDP instead; for genuine 1-D parameters "
-        "put them in a group with use_root=False (AdamW branch)."
-    )
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Functional layer
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def root(
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    momentum_buffers: list[torch.Tensor],
-    *,
-    lr: float,
-    weight_decay: float,
-    momentum: float,
-    nesterov: bool,
-    clip_quantile: float | None,
-    ns_steps: int,
-    ns_coefficients: ScheduleSpec,
-    eps: float,
-    adjust_lr_fn: AdjustLrFn,
-    ns_dtype: NsDtype,
-    matrix_view: MatrixView = "flatten",
-    matrix_split: list[Any] | None = None,
-    diagnostics: dict[str, list[torch.Tensor]] | None = None,
-    process_group: Any = "auto",
-) -> None:
-    r"""One ROOT step on matrix params (functional API; see :class:`ROOT` for the algorithm).
-
-    Each param holds one or more independent matrices (see :mod:`root_hf.optim.views`: ``matrix_view``,
-    ``matrix_split``); matrices are bucketed by their shape ``(m, n)`` and each bucket is clipped and orthogonalized in
-    one batched call, so a fused ``(E, out, in)`` expert tensor with ``matrix_view="batched"`` contributes ``E``
-    matrices with their own threshold, schedule and scale. Under DDP (``process_group``, default: the initialized
-    default group) and FSDP2 (``DTensor`` params) each matrix is clipped and orthogonalized by one owner rank only (see
-    :mod:`root_hf.distributed`); ``"batched"`` FSDP2 params sharded on a leading dim hold whole matrices locally and
-    are orthogonalized where they are. If ``diagnostics`` is a dict, per-matrix statistics are appended to it
-    (``clip_fraction``, ``eps_over_rms``, ``update_rms``, ``ortho_error``); this costs one extra Gram matrix per group.
-    """
-    for p in params:
-        if p.dim() < 2:
-            raise _flat_param_error(tuple(p.shape))
-    plan = plan_for(params, process_group)
-    ortho = functools.partial(
-        _orthogonalize_batch,
-        clip_quantile=clip_quantile,
-        ns_steps=ns_steps,
-        ns_coefficients=ns_coefficients,
-        eps=eps,
-        ns_dtype=ns_dtype,
-        lr=lr,
-        adjust_lr_fn=adjust_lr_fn,
-        diagnostics=diagnostics,
-    )
-    step = functools.partial(
-        _Step, momentum=momentum, nesterov=nesterov, ortho=ortho, lr=lr, adjust_lr_fn=adjust_lr_fn
-    )
-    # Partition by (work dtype, device) so that every collective below moves a single dtype.
-    partitions: dict[tuple[torch.dtype, torch.device], list[int]] = defaultdict(list)
-    for i, buf in enumerate(momentum_buffers):
-        partitions[(buf.dtype, buf.device)].append(i)
-    for (work_dtype, device), idx in partitions.items():
-        p_loc = [local_tensor(params[i]) for i in idx]
-        g_loc = [local_tensor(grads[i]) for i in idx]
-        b_loc = [local_tensor(momentum_buffers[i]) for i in idx]
-        if weight_decay != 0:
-            for p in p_loc:
-                p.mul_(1 - lr * weight_decay)  # decoupled decay with the unscaled lr
-        if plan.mode == "single":
-            step(work_dtype=work_dtype).local(p_loc, g_loc, b_loc, matrix_view, matrix_split)
-            continue
-        out_dtype = _out_dtype(ns_steps, ns_dtype, device, work_dtype)
-        if plan.mode == "ddp":
-            step(work_dtype=work_dtype).ddp(plan, p_loc, g_loc, b_loc, matrix_view, matrix_split, out_dtype)
-            continue
-        # fsdp2: a "batched" tensor sharded on a leading (expert) dim holds whole matrices on each rank: no gather.
-        whole = [j for j, i in enumerate(idx) if matrix_view == "batched" and params[i].dim() >= 3]
-        rows = [j for j in range(len(idx)) if j not in set(whole)]
-        s = step(work_dtype=work_dtype)
-        if whole:
-            s.local(
-                [p_loc[j] for j in whole],
-                [g_loc[j] for j in whole],
-                [b_loc[j] for j in whole],
-                matrix_view,
-                matrix_split,
-            )
-        if rows:
-            views = [param_view(params[idx[j]].shape, matrix_view, matrix_split) for j in rows]
-            s.fsdp2_rows(
-                plan, [p_loc[j] for j in rows], [g_loc[j] for j in rows], [b_loc[j] for j in rows], views, out_dtype
-            )
-
-
-def _momentum_direction_(g: torch.Tensor, buf: torch.Tensor, momentum: float, nesterov: bool) -> torch.Tensor:
-    """Update ``buf`` in place to ``M_t = mu M_{t-1} + G_t``; return ``U_t`` (a new tensor, or ``buf`` itself)."""
-    buf.mul_(momentum).add_(g)
-    return torch.add(g, buf, alpha=momentum) if nesterov else buf  # U_t = G_t + mu M_t
-
-
-def _out_dtype(ns_steps: int, ns_dtype: NsDtype, device: torch.device, work_dtype: torch.dtype) -> torch.dtype:
-    return resolve_ns_dtype(ns_dtype, device, work_dtype) if ns_steps > 0 else work_dtype
-
-
-class _Step:
-    """The matrix work of one ROOT step on one (dtype, device) partition: single process, DDP or FSDP2 rows.
-
-    Weight decay is already applied; each method updates the momentum buffers, computes ``U_t``, clips and
-    orthogonalizes every independent matrix, and adds ``-lr * s(m, n) * X`` to its block of the param.
-    """
-
-    def __init__(
-        self,
-        *,
-        momentum: float,
-        nesterov: bool,
-        ortho: Callable[..., torch.Tensor],
-        lr: float,
-        adjust_lr_fn: AdjustLrFn,
-        work_dtype: torch.dtype,
-    ) -> None:
-        self.momentum, self.nesterov, self.ortho = momentum, nesterov, ortho
-        self.lr, self.adjust_lr_fn, self.work_dtype = lr, adjust_lr_fn, work_dtype
-
-    def _alpha(self, shape: tuple[int, int]) -> float:
-        return -self.lr * adjusted_lr_ratio(self.adjust_lr_fn, shape)
-
-    def local(
-        self,
-        p_loc: list[torch.Tensor],
-        g_loc: list[torch.Tensor],
-        b_loc: list[torch.Tensor],
-        matrix_view: str,
-        matrix_split: list[Any] | None,
-    ) -> None:
-        """Whole matrices on this rank: each same-shape bucket's ``U_t`` is written straight into one
-        ``(batch, m, n)`` buffer, and its update is applied as soon as it is computed (no list of all updates)."""
-        views = [param_view(p.shape, matrix_view, matrix_split) for p in p_loc]
-        # a non-contiguous param (e.g. channels_last) is updated through a contiguous copy, written back at the end
-        work = [p if p.is_contiguous() else p.contiguous() for p in p_loc]
-        p3 = [as_batch(w, v) for w, v in zip(work, views, strict=True)]
-        g3 = [as_batch(g, v) for g, v in zip(g_loc, views, strict=True)]
-        b3 = [as_batch(b, v) for b, v in zip(b_loc, views, strict=True)]
-        buckets: dict[tuple[int, int], list[tuple[int, Block]]] = defaultdict(list)
-        for j, v in enumerate(views):
-            b_loc[j].mul_(self.momentum).add_(g_loc[j])  # M_t = mu M_{t-1} + G_t
-            for blk in v.blocks:
-                if v.batch * blk.shape[0] * blk.shape[1] > 0:  # zero-size matrices: nothing to do
-                    buckets[blk.shape].append((j, blk))
-        for (m, n), entries in buckets.items():
-            u = torch.empty(
-                (sum(views[j].batch for j, _ in entries), m, n), dtype=self.work_dtype, device=b_loc[0].device
-            )
-            k = 0
-            for j, blk in entries:
-                out = u[k : k + views[j].batch]
-                buf = b3[j][:, blk.rows, blk.cols]
-                if self.nesterov:
-                    torch.add(g3[j][:, blk.rows, blk.cols], buf, alpha=self.momentum, out=out)  # U_t = G_t + mu M_t
-                else:
-                    out.copy_(buf)
-                k += views[j].batch
-            x = self.ortho(u)
-            alpha = self._alpha((m, n))
-            k = 0
-            for j, blk in entries:
-                # mixed dtypes promote inside the in-place add
-                p3[j][:, blk.rows, blk.cols].add_(x[k : k + views[j].batch], alpha=alpha)
-                k += views[j].batch
-            del u, x
-        for p, w in zip(p_loc, work, strict=True):
-            if w is not p:
-                p.copy_(w)
-
-    def ddp(
-        self,
-        plan: DistributedPlan,
-        p_loc: list[torch.Tensor],
-        g_loc: list[torch.Tensor],
-        b_loc: list[torch.Tensor],
-        matrix_view: str,
-        matrix_split: list[Any] | None,
-        out_dtype: torch.dtype,
-    ) -> None:
-        """DDP owner split: every independent matrix (an expert, a block) gets one owner, balanced by its NS FLOPs;
-        owners clip and orthogonalize, one ``all_gather`` gives every rank every result (momentum stays replicated)."""
-        views = [param_view(p.shape, matrix_view, matrix_split) for p in p_loc]
-        work = [p if p.is_contiguous() else p.contiguous() for p in p_loc]
-        p3 = [as_batch(w, v) for w, v in zip(work, views, strict=True)]
-        g3 = [as_batch(g, v) for g, v in zip(g_loc, views, strict=True)]
-        b3 = [as_batch(b, v) for b, v in zip(b_loc, views, strict=True)]
-        units = [
-            (j, e, blk)
-            for j, v in enumerate(views)
-            for blk in v.blocks
-            if blk.shape[0] * blk.shape[1] > 0
-            for e in range(v.batch)
-        ]
-        shapes = [blk.shape for _, _, blk in units]
-        owners = assign_owners(shapes, plan.world_size)
-        for j in range(len(views)):
-            b_loc[j].mul_(self.momentum).add_(g_loc[j])  # M_t; U_t is only needed by the owner
-        u = {}
-        for q, (j, e, blk) in enumerate(units):
-            if owners[q] == plan.rank:
-                buf = b3[j][e, blk.rows, blk.cols]
-                u[q] = torch.add(g3[j][e, blk.rows, blk.cols], buf, alpha=self.momentum) if self.nesterov else buf
-        results = _orthogonalize_owned(u, {q: (_whole(shapes[q]),) for q in u}, self.ortho)
-        device = b_loc[0].device if b_loc else torch.device("cpu")
-        updates = plan.all_gather_results(shapes, owners, results, out_dtype, device)
-        for (j, e, blk), x in zip(units, updates, strict=True):
-            p3[j][e, blk.rows, blk.cols].add_(x, alpha=self._alpha(blk.shape))
-        for p, w in zip(p_loc, work, strict=True):
-            if w is not p:
-                p.copy_(w)
-
-    def fsdp2_rows(
-        self,
-        plan: DistributedPlan,
-        p_loc: list[torch.Tensor],
-        g_loc: list[torch.Tensor],
-        b_loc: list[torch.Tensor],
-        views: list[ParamView],
-        out_dtype: torch.dtype,
-    ) -> None:
-        """FSDP2 row shards of ``(M, N)`` matrix views: one ``all_to_all`` sends each row shard of ``U_t`` to the
-        matrix's owner, which clips and orthogonalizes every block of it; a second sends each rank its rows back."""
-        shapes = [v.matrix for v in views]
-        widths = [n for _, n in shapes]
-        owners = assign_owners(shapes, plan.world_size)
-        local_u = [
-            _momentum_direction_(g.reshape(buf.shape[0], n), buf.view(buf.shape[0], n), self.momentum, self.nesterov)
-            for g, buf, n in zip(g_loc, b_loc, widths, strict=True)
-        ]
-        device = b_loc[0].device
-        counts = plan.row_counts([t.shape[0] for t in local_u], device)
-        full_u = plan.gather_to_owners(local_u, widths, owners, counts)
-        results = _orthogonalize_owned(full_u, {i: views[i].blocks for i in full_u}, self.ortho)
-        updates = plan.scatter_from_owners(results, widths, owners, counts, out_dtype, device)
-        for i, (p, x) in enumerate(zip(p_loc, updates, strict=True)):
-            p2 = p.view(x.shape)
-            start = sum(counts[r][i] for r in range(plan.rank))
-            for blk in views[i].blocks:
-                # this rank holds global rows [start, start + rows) of the (M, N) matrix view
-                lo = max(blk.rows.start or 0, start) - start
-                hi = min(blk.rows.stop if blk.rows.stop is not None else shapes[i][0], start + x.shape[0]) - start
-                if hi > lo:
-                    p2[lo:hi, blk.cols].add_(x[lo:hi, blk.cols], alpha=self._alpha(blk.shape))
-
-
-def _whole(shape: tuple[int, int]) -> Block:
-    return Block(slice(None), slice(None), shape)
-
-
-def _orthogonalize_owned(
-    u: dict[int, torch.Tensor], blocks: dict[int, tuple[Block, ...]], ortho: Callable[..., torch.Tensor]
-) -> dict[int, torch.Tensor]:
-    """Clip and orthogonalize every block of the full matrices this rank owns, batched by block shape."""
-    buckets: dict[tuple[int, int], list[tuple[int, Block]]] = defaultdict(list)
-    for j in sorted(u):
-        for blk in blocks[j]:
-            buckets[blk.shape].append((j, blk))
-    results: dict[int, torch.Tensor] = {}
-    for entries in buckets.values():
-        x = ortho(torch.stack([u[j][blk.rows, blk.cols] for j, blk in entries]))
-        for k, (j, blk) in enumerate(entries):
-            if len(blocks[j]) == 1:
-                results[j] = x[k]
-            else:
-                if j not in results:
-                    results[j] = x.new_empty(u[j].shape)
-                results[j][blk.rows, blk.cols] = x[k]
-    return results
-
-
-def _orthogonalize_batch(
-    u: torch.Tensor,
-    *,
-    clip_quantile: float | None,
-    ns_steps: int,
-    ns_coefficients: ScheduleSpec,
-    eps: float,
-    ns_dtype: NsDtype,
-    lr: float,
-    adjust_lr_fn: AdjustLrFn,
-    diagnostics: dict[str, list[torch.Tensor]] | None,
-) -> torch.Tensor:
-    """``U_t`` (batch, m, n) -> ``X_K``: clip (-> ``B_t``), normalize, cast to the NS dtype, Newton-Schulz.
-
-    ``u`` is overwritten. Returns the batch in the NS dtype (the work dtype when ``ns_steps == 0``); tall matrices may
-    come back as a transposed view (see :func:`~root_hf.optim.orthogonalize.newton_schulz`).
-    """
-    work_dtype = u.dtype
-    m, n = u.shape[-2:]
-    x = u
-    if clip_quantile is not None:
-        unclipped = u.clone() if diagnostics is not None else u
-        thresh = soft_threshold_clip_(u, clip_quantile)  # B_t = U_t - O_t = clamp(U_t, -eps_t, eps_t), in place
-        if diagnostics is not None:
-            rms = unclipped.square().mean(dim=(1, 2)).sqrt()
-            fraction = (unclipped.abs() > thresh.view(-1, 1, 1)).float().mean(dim=(1, 2))
-            diagnostics["clip_fraction"].append(fraction)
-            diagnostics["eps_over_rms"].append(thresh / rms.clamp(min=torch.finfo(rms.dtype).tiny))
-    if ns_steps > 0:
-        # Normalize in the work dtype (float32 or wider), then cast once: dividing a bfloat16 batch by a float32 norm
-        # is a slow mixed-dtype broadcast on CPU (37 ms vs 3.4 ms on 12 x 1536 x 576), and rounding after the
-        # division is the more accurate order.
-        norm_dtype = torch.promote_types(work_dtype, torch.float32)
-        norm = torch.linalg.vector_norm(u, dim=(1, 2), keepdim=True, dtype=norm_dtype)
-        u.div_(norm + eps)  # X_0 = B_t / (||B_t||_F + eps)
-        x = u.to(_out_dtype(ns_steps, ns_dtype, u.device, work_dtype))
-        x = newton_schulz(x, get_schedule(ns_coefficients, (m, n), ns_steps))
-    # else: orthogonalization off, the update is the (clipped) momentum itself
-    if diagnostics is not None:
-        scale = adjusted_lr_ratio(adjust_lr_fn, (m, n))
-        diagnostics["update_rms"].append(lr * scale * x.float().square().mean(dim=(1, 2)).sqrt())
-        diagnostics["ortho_error"].append(_ortho_error(x))
-    return x
-
-
-def _ortho_error(x: torch.Tensor) -> torch.Tensor:
-    """``||X X^T - I||_F / sqrt(min(m, n))``: the RMS distance of the singular values' squares from 1."""
-    x = x.float()
-    gram = x.mT @ x if x.shape[-2] > x.shape[-1] else x @ x.mT
-    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
-    return torch.linalg.matrix_norm(gram - eye) / math.sqrt(gram.shape[-1])
-
-
-def adamw(
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    exp_avgs: list[torch.Tensor],
-    exp_avg_sqs: list[torch.Tensor],
-    state_steps: list[torch.Tensor],
-    *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    diagnostics: dict[str, list[torch.Tensor]] | None = None,
-) -> None:
-    """One AdamW step (Loshchilov & Hutter 2019), with the same arithmetic as ``torch.optim.AdamW(foreach=False)``.
-
-    Half-precision params keep float32 moments; their update is computed in float32 and rounded once.
-    """
-    for p, g, m, v, step_t in zip(params, grads, exp_avgs, exp_avg_sqs, state_steps, strict=False):
-        step_t += 1
-        half = p.dtype in _HALF
-        w = p.float() if half else p
-        g = g.float() if half else g
-        if diagnostics is not None:
-            before = w.clone()
-        if weight_decay != 0:
-            w.mul_(1 - lr * weight_decay)
-        m.lerp_(g, 1 - beta1)
-        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        step = step_t.item()
-        bias_correction1 = 1 - beta1**step
-        bias_correction2 = 1 - beta2**step
-        step_size = lr / bias_correction1
-        denom = (v.sqrt() / bias_correction2**0.5).add_(eps)
-        w.addcdiv_(m, denom, value=-step_size)
-        if diagnostics is not None:
-            diagnostics["update_rms"].append((w - before).float().square().mean().sqrt().reshape(1))
-        if half:
-            p.copy_(w)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Optimizer class
-# --------------------------------------------------------------------------------------------------------------------
-
+# The per-matrix statistics of the ROOT branch, averaged over every matrix (an expert or a block is one matrix).
+_ROOT_DIAGNOSTICS = ("clip_fraction", "eps_over_rms", "update_rms", "ortho_error")
+# Keys of a param group that the functional root() takes as they are.
 _ROOT_KEYS = (
     "momentum",
     "nesterov",
@@ -449,109 +59,99 @@ _ROOT_KEYS = (
 )
 
 
-def _validate_group(group: dict[str, Any]) -> None:
-    lr, wd = group["lr"], group["weight_decay"]
-    if isinstance(lr, torch.Tensor):
-        raise ValueError("Invalid lr: a Tensor lr is not supported by ROOT. Pass a float.")
-    if not (isinstance(lr, (int, float)) and lr >= 0 and math.isfinite(lr)):
-        raise ValueError(f"Invalid lr: {lr!r}. Must be a finite float >= 0.")
-    if not (isinstance(wd, (int, float)) and wd >= 0 and math.isfinite(wd)):
-        raise ValueError(f"Invalid weight_decay: {wd!r}. Must be a finite float >= 0.")
-    if group["use_root"] not in (True, False, None):
-        raise ValueError(f"Invalid use_root: {group['use_root']!r}. Must be True, False or None (by ndim).")
-    mu = group["momentum"]
-    if not (isinstance(mu, (int, float)) and 0 <= mu < 1):
-        raise ValueError(f"Invalid momentum: {mu!r}. Must be a float in [0, 1).")
-    if not isinstance(group["nesterov"], bool):
-        raise ValueError(f"Invalid nesterov: {group['nesterov']!r}. Must be True or False.")
-    q = group["clip_quantile"]
-    if q is not None and not (isinstance(q, (int, float)) and 0 < q <= 1):
-        raise ValueError(f"Invalid clip_quantile: {q!r}. Must be a float in (0, 1], or None to turn clipping off.")
-    k = group["ns_steps"]
-    if not (isinstance(k, int) and not isinstance(k, bool) and 0 <= k <= 100):
-        raise ValueError(f"Invalid ns_steps: {k!r}. Must be an integer in [0, 100] (0 turns orthogonalization off).")
-    group["ns_coefficients"] = normalize_schedule_spec(group["ns_coefficients"])
-    if not isinstance(group["ns_coefficients"], str) and not isinstance(group["ns_coefficients"][0], float):
-        get_schedule(group["ns_coefficients"], (1, 1), k)  # a per-step list must have ns_steps entries
-    if not (isinstance(group["eps"], (int, float)) and group["eps"] >= 0):
-        raise ValueError(f"Invalid eps: {group['eps']!r}. Must be a float >= 0.")
-    if group["adjust_lr_fn"] not in ADJUST_LR_FNS:
-        raise ValueError(f"Invalid adjust_lr_fn: {group['adjust_lr_fn']!r}. Must be one of {ADJUST_LR_FNS}.")
-    ns_dtype = group["ns_dtype"]
-    resolve_ns_dtype(ns_dtype, torch.device("cpu"))
-    if isinstance(ns_dtype, torch.dtype):  # keep param_groups plain for torch.load(weights_only=True)
-        group["ns_dtype"] = str(ns_dtype).removeprefix("torch.")
-    group["matrix_view"] = normalize_matrix_view(group.get("matrix_view", "flatten"))
-    group["matrix_split"] = normalize_matrix_split(group.get("matrix_split"))
-    betas = group["betas"]
-    if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(0 <= b < 1 for b in betas)):
-        raise ValueError(f"Invalid betas: {betas!r}. Must be two floats in [0, 1).")
-    group["betas"] = tuple(float(b) for b in betas)
-    if not (isinstance(group["adamw_eps"], (int, float)) and group["adamw_eps"] >= 0):
-        raise ValueError(f"Invalid adamw_eps: {group['adamw_eps']!r}. Must be a float >= 0.")
+def _state_dtype(param: torch.Tensor) -> torch.dtype:
+    """Optimizer state is float32 for half-precision params, else the param's own dtype (float64 stays float64)."""
+    return torch.float32 if param.dtype in _HALF else param.dtype
+
+
+def _on_root(group: dict[str, Any], p: torch.Tensor, ndim: int | None = None) -> bool:
+    """The branch of `p` in `group`: `use_root` True / False, or when None by its ndim when it was added (`ndim`)."""
+    use_root = group.get("use_root")
+    if use_root is not None:
+        return bool(use_root)
+    return (p.dim() if ndim is None else ndim) >= 2
+
+
+def _param_label(group: dict[str, Any], index: int, group_index: int) -> str:
+    names = group.get("param_names")
+    if names is not None and index < len(names):
+        return repr(names[index])
+    return f"#{index} of param group {group_index}"
 
 
 class ROOT(Optimizer):
     r"""ROOT, the Robust Orthogonalized Optimizer: Muon with outlier suppression and shape-aware Newton-Schulz.
 
     Use it for the hidden weight matrices of a network, with the AdamW branch (inside the same optimizer) for
-    everything else: one ``state_dict``, one LR scheduler and one ``GradScaler`` cover both. Without explicit groups,
-    parameters with 2 or more dims take the ROOT branch and the rest AdamW. Token embeddings and LM heads are matrices
-    but belong in the AdamW branch: pass them in a group with ``use_root=False`` (the Hugging Face integration does
-    this by name). Do not use it where the training framework flattens parameters (FSDP1, DeepSpeed ZeRO): it raises.
+    everything else: one `state_dict`, one LR scheduler and one `GradScaler` cover both. Each parameter's branch is
+    decided inside its group: by `use_root` (True: ROOT, False: AdamW) or, when absent, by ndim (2 or more dims: ROOT),
+    so one group you pass is one entry of `param_groups`. Token embeddings and LM heads are matrices but belong in the
+    AdamW branch: pass them in a group with `use_root=False` (the Hugging Face integration does this by name). Do not
+    use it where the training framework flattens parameters (FSDP1, DeepSpeed ZeRO): it raises.
 
-    For each matrix :math:`W \in \mathbb{R}^{m \times n}` (tensors with more dims are viewed as
-    ``(shape[0], -1)``) with gradient :math:`G_t`:
+    For each matrix $W \in \mathbb{R}^{m \times n}$ (see `matrix_view` / `matrix_split` below for tensors with more
+    dims) with gradient $G_t$:
 
-    .. math::
-        \begin{aligned}
-            M_t &= \mu M_{t-1} + G_t
-                && \text{momentum (SGD-sum form)} \\
-            U_t &= G_t + \mu M_t \ \text{(Nesterov)}\quad\text{or}\quad U_t = M_t \\
-            \epsilon_t &= \mathrm{Quantile}_{q}\big(|U_t|\big)
-                && \text{per-matrix threshold, } q = 0.90 \\
-            O_t &= \mathrm{sign}(U_t) \odot \max(|U_t| - \epsilon_t, 0)
-                && \text{outliers (soft-thresholding), discarded} \\
-            B_t &= U_t - O_t = \mathrm{clamp}(U_t, -\epsilon_t, \epsilon_t)
-                && \text{robust part} \\
-            X_0 &= B_t / (\lVert B_t \rVert_F + \varepsilon), \quad
-            X_{k} = a_k X_{k-1} + b_k A_{k-1} X_{k-1} + c_k A_{k-1}^2 X_{k-1}, \ A = X X^\top
-                && \text{NS, } (a_k, b_k, c_k) \text{ chosen for } (m, n) \\
-            W_t &= W_{t-1} (1 - \eta \lambda) - \eta \, s(m, n) \, X_K
-                && s = 0.2 \sqrt{\max(m, n)} \text{ (matched RMS)}
-        \end{aligned}
+    $$
+    \begin{aligned}
+        M_t &= \mu M_{t-1} + G_t && \text{momentum (SGD-sum form)} \\
+        U_t &= G_t + \mu M_t \ \text{(Nesterov)} \quad\text{or}\quad U_t = M_t \\
+        \epsilon_t &= \mathrm{Quantile}_{q}\big(|U_t|\big) && \text{per-matrix threshold, } q = 0.90 \\
+        O_t &= \mathrm{sign}(U_t) \odot \max(|U_t| - \epsilon_t, 0) && \text{outliers (soft-thresholding), dropped} \\
+        B_t &= U_t - O_t = \mathrm{clamp}(U_t, -\epsilon_t, \epsilon_t) && \text{robust part} \\
+        X_0 &= B_t / (\lVert B_t \rVert_F + \varepsilon) && \text{singular values in } [0, 1] \\
+        X_k &= a_k X_{k-1} + b_k A_{k-1} X_{k-1} + c_k A_{k-1}^2 X_{k-1}, \quad A_{k-1} = X_{k-1} X_{k-1}^\top
+            && k = 1..K, \ (a_k, b_k, c_k) \text{ chosen for } (m, n) \\
+        W_t &= W_{t-1} (1 - \eta \lambda) - \eta \, s(m, n) \, X_K && s = 0.2 \sqrt{\max(m, n)} \text{ (matched RMS)}
+    \end{aligned}
+    $$
+
+    Every other parameter takes AdamW (Loshchilov & Hutter 2019) with the same $\eta$ and $\lambda$.
+
+    Param-group keys, besides the hyperparameters below (`root_hf.optim.hyperparams.markdown_table()` lists them all):
+
+    - `use_root`: True, False, or None/absent (by ndim).
+    - `matrix_view`: `"flatten"` (default): a tensor is the one matrix `(shape[0], prod(shape[1:]))` (conv kernels);
+      `"batched"`: the last two dims are one `(out, in)` matrix and the leading dims index independent matrices
+      (fused mixture-of-experts tensors `(E, out, in)`: each expert its own threshold, schedule and scale).
+    - `matrix_split`: None or `[axis, [size, ...]]`: each matrix is cut along rows (0) or columns (1) into independent
+      blocks (fused `gate_up_proj`, `qkv_proj`, GPT-2's `c_attn`).
 
     Args:
-        params: iterable of parameters, named parameters or param groups. A group may set ``use_root`` (True: ROOT
-            branch, False: AdamW branch, None/absent: by ndim) and any hyperparameter below.
-        lr (float): learning rate :math:`\eta` of both branches (default: 1e-3).
-        weight_decay (float): decoupled weight decay :math:`\lambda`, applied as ``W *= 1 - lr * wd`` (default: 0.1).
-        momentum (float): :math:`\mu` (default: 0.95).
-        nesterov (bool): use :math:`U_t = G_t + \mu M_t` (default: True, as the authors' code).
-        clip_quantile (float or None): quantile level :math:`q` of the soft-threshold; None turns outlier suppression
-            off (default: 0.90, the paper's best percentile).
-        ns_steps (int): Newton-Schulz steps :math:`K`; 0 turns orthogonalization off (default: 5).
-        ns_coefficients: schedule name (``"adaptive"``: fitted for the matrix shape, every output singular value
-            guaranteed in [0, 1.2]; ``"polar-express"``, ``"muon"``, ``"root-paper"``, ``"root-paper-safe"``), one
-            ``(a, b, c)`` triple or one triple per step (default: ``"adaptive"``).
-        eps (float): added to :math:`\lVert B_t \rVert_F` before normalizing (default: 1e-7).
-        adjust_lr_fn (str or None): ``"match_rms_adamw"`` (:math:`0.2\sqrt{\max(m, n)}`), ``"original"``
-            (:math:`\sqrt{\max(1, m/n)}`) or None (1) (default: ``"match_rms_adamw"``).
-        ns_dtype: dtype of the Newton-Schulz iteration: ``"auto"`` (bfloat16 on CUDA, float32 on CPU),
-            ``"float32"``, ``"bfloat16"``, ``"float16"``, ``"float64"`` (default: ``"auto"``).
-        betas (tuple[float, float]): AdamW branch :math:`(\beta_1, \beta_2)` (default: (0.9, 0.95)).
-        adamw_eps (float): AdamW branch epsilon (default: 1e-8).
-        nonfinite_grads (str): what a step does when a gradient holds inf or NaN: ``"raise"`` a ``FloatingPointError``
-            (default), ``"skip"`` the whole step with a warning (nothing changes), or ``"ignore"`` (no check: saves one
-            device sync per step; non-finite values then reach weights).
-        process_group: DDP work splitting. ``"auto"`` (default): when ``torch.distributed`` is initialized with more
-            than one rank at ``step()`` time, each matrix is clipped and orthogonalized by one rank and the results are
-            all-gathered (the gradients must be identical on all ranks, as under DDP). A ``ProcessGroup`` restricts
-            this to that group; ``None`` turns it off (every rank computes everything). FSDP2 ``DTensor`` params always
-            use their mesh's group.
+        params: iterable of parameters, named parameters or param groups (dicts with `params` and any key above or
+            below).
+        lr: learning rate $\eta$ of both branches.
+        weight_decay: decoupled weight decay $\lambda$, applied as $W \leftarrow W (1 - \eta \lambda)$.
+        momentum: $\mu$, in [0, 1).
+        nesterov: use $U_t = G_t + \mu M_t$ (as the authors' code).
+        clip_quantile: quantile level $q$ of the soft-threshold, in (0, 1]; None turns outlier suppression off.
+        ns_steps: Newton-Schulz steps $K$ in [0, 100]; 0 turns orthogonalization off.
+        ns_coefficients: schedule name (`"adaptive"`: fitted for the matrix shape, every output singular value in
+            [0, 1.2]; `"polar-express"`, `"muon"`, `"root-paper"`, `"root-paper-safe"`), one `(a, b, c)` triple or
+            one triple per step. Explicit coefficients whose composition leaves the safe band [0, 1.21] are refused.
+        eps: $\varepsilon$, added to $\lVert B_t \rVert_F$ before normalizing.
+        adjust_lr_fn: `"match_rms_adamw"` ($0.2\sqrt{\max(m, n)}$), `"original"` ($\sqrt{\max(1, m/n)}$) or None (1).
+        ns_dtype: dtype of the Newton-Schulz iteration: `"auto"` (bfloat16 on CUDA, float32 on CPU), `"float32"`,
+            `"bfloat16"`, `"float16"`, `"float64"`.
+        betas: AdamW branch $(\beta_1, \beta_2)$.
+        adamw_eps: AdamW branch epsilon.
+        nonfinite_grads: what a step does when a gradient holds inf or NaN: `"raise"` a `FloatingPointError`, `"skip"`
+            the whole step with a warning (nothing changes), or `"ignore"` (no check, saves one device sync per step).
+        process_group: DDP work split. None: off, every rank computes everything (always correct). `"default"`
+            (torch.distributed's default group) or a `ProcessGroup`: each matrix is clipped and orthogonalized by one
+            rank and the results are all-gathered; only correct when the gradients are identical on all ranks (DDP).
+            FSDP2 `DTensor` params always use their mesh's group. `distributed_strategy` says which applies. A custom
+            `ProcessGroup` cannot be pickled: pickling or deep-copying such an optimizer raises (the default group is
+            kept as `"default"`).
 
-    State: ``momentum_buffer`` per ROOT matrix; ``step``, ``exp_avg``, ``exp_avg_sq`` per AdamW param. State is
-    float32 for bfloat16/float16 params, also after :meth:`load_state_dict`.
+    Attributes:
+        collect_diagnostics: set to True before a step to fill `last_diagnostics`.
+        last_diagnostics: `{"root/clip_fraction", "root/eps_over_rms", "root/update_rms", "root/ortho_error",
+            "adamw/update_rms"}`: means over matrices (an expert or block is one matrix; under a DDP owner split or
+            FSDP2, over every rank's matrices).
+
+    State: `momentum_buffer` (the param's shape) per ROOT-branch param; `step`, `exp_avg`, `exp_avg_sq` per AdamW
+    param. State is float32 for bfloat16/float16 params, also after `load_state_dict`.
 
     References:
         - ROOT: He et al., "ROOT: Robust Orthogonalized Optimizer for Neural Network Training",
@@ -562,6 +162,8 @@ class ROOT(Optimizer):
     Example:
         >>> model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
         >>> opt = ROOT(model.parameters(), lr=1e-3)
+        >>> len(opt.param_groups)
+        1
         >>> model(torch.randn(4, 8)).pow(2).mean().backward()
         >>> opt.step()
         >>> opt.zero_grad()
@@ -570,30 +172,36 @@ class ROOT(Optimizer):
     def __init__(
         self,
         params: ParamsT,
-        lr: float = 1e-3,
-        weight_decay: float = 0.1,
-        momentum: float = 0.95,
-        nesterov: bool = True,
-        clip_quantile: float | None = 0.90,
-        ns_steps: int = 5,
-        ns_coefficients: ScheduleSpec = DEFAULT_SCHEDULE,
-        eps: float = 1e-7,
-        adjust_lr_fn: AdjustLrFn = "match_rms_adamw",
-        ns_dtype: NsDtype = "auto",
-        betas: tuple[float, float] = (0.9, 0.95),
-        adamw_eps: float = 1e-8,
+        lr: float = DEFAULTS["lr"],
+        weight_decay: float = DEFAULTS["weight_decay"],
+        momentum: float = DEFAULTS["momentum"],
+        nesterov: bool = DEFAULTS["nesterov"],
+        clip_quantile: float | None = DEFAULTS["clip_quantile"],
+        ns_steps: int = DEFAULTS["ns_steps"],
+        ns_coefficients: ScheduleSpec = DEFAULTS["ns_coefficients"],
+        eps: float = DEFAULTS["eps"],
+        adjust_lr_fn: AdjustLrFn = DEFAULTS["adjust_lr_fn"],
+        ns_dtype: NsDtype = DEFAULTS["ns_dtype"],
+        betas: tuple[float, float] = DEFAULTS["betas"],
+        adamw_eps: float = DEFAULTS["adamw_eps"],
         *,
-        nonfinite_grads: NonfiniteGrads = "raise",
-        process_group: Any = "auto",
+        nonfinite_grads: NonfiniteGrads = HYPERPARAMS["nonfinite_grads"].default,
+        process_group: Any = HYPERPARAMS["process_group"].default,
     ) -> None:
+        hp = HYPERPARAMS["nonfinite_grads"]
         if nonfinite_grads not in NONFINITE_MODES:
-            raise ValueError(f"Invalid nonfinite_grads: {nonfinite_grads!r}. Must be one of {NONFINITE_MODES}.")
+            raise hp.error(nonfinite_grads)
         self.nonfinite_grads = nonfinite_grads
-        self.process_group = process_group
-        # Diagnostics: set ``collect_diagnostics = True`` before a step; that step fills ``last_diagnostics``.
+        self.process_group = check_process_group(process_group)
         self.collect_diagnostics = False
         self.last_diagnostics: dict[str, float] = {}
+        # Resolved Newton-Schulz schedules: (spec, ns_steps) -> {(m, n): schedule}; filled when params are added.
+        self._schedules: dict[tuple[Any, int], dict[tuple[int, int], Schedule]] = {}
+        # ndim of every param when its group was added, by position: a use_root=None group keeps each param's branch
+        # even if a framework later swaps in flattened 1-D shards (FSDP1, ZeRO), which must raise, not fall to AdamW.
+        self._added_ndims: list[list[int]] = []
         defaults = dict(
+            DEFAULTS,
             lr=lr,
             weight_decay=weight_decay,
             momentum=momentum,
@@ -606,79 +214,272 @@ class ROOT(Optimizer):
             ns_dtype=ns_dtype,
             betas=betas,
             adamw_eps=adamw_eps,
-            use_root=None,
-            matrix_view="flatten",
-            matrix_split=None,
         )
-        _validate_group(dict(defaults))
+        validate_group(defaults)
         super().__init__(params, defaults)
 
+    # -- groups ------------------------------------------------------------------------------------------------------
+
+    def _check_params(self, group: dict[str, Any], params: list[torch.Tensor], group_index: int) -> dict:
+        """Per-parameter checks of a (validated) group; returns the schedules its ROOT matrices need."""
+        needed: dict[tuple[Any, int], dict[tuple[int, int], Schedule]] = defaultdict(dict)
+        key = (group["ns_coefficients"], group["ns_steps"])
+        for i, p in enumerate(params):
+            if not _on_root(group, p):
+                continue
+            if p.dim() < 2:
+                raise _flat_param_error(tuple(p.shape))
+            try:
+                view = param_view(p.shape, group["matrix_view"], group["matrix_split"])
+            except ValueError as e:
+                raise ValueError(f"Parameter {_param_label(group, i, group_index)}: {e}") from None
+            for block in view.blocks:
+                shape = block.shape
+                if key[1] > 0 and shape not in self._schedules.get(key, {}) and min(shape) > 0:
+                    needed[key][shape] = get_schedule(key[0], shape, key[1])
+        return needed
+
+    def _commit_schedules(self, needed: dict[tuple[Any, int], dict[tuple[int, int], Schedule]]) -> None:
+        for key, by_shape in needed.items():
+            self._schedules.setdefault(key, {}).update(by_shape)
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group; a group without ``use_root`` is split into a ROOT group (ndim >= 2) and an AdamW group."""
+        """Add a param group: validated, its params checked and their schedules resolved; all or nothing.
+
+        Args:
+            param_group: a dict with `params` and any hyperparameter or group key.
+
+        Raises:
+            TypeError: if `param_group` is not a dict.
+            ValueError: for an invalid value or parameter; then the optimizer is left unchanged.
+        """
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}.")
-        use_root = param_group.get("use_root", self.defaults["use_root"])
-        if use_root is None:
-            params = param_group["params"]
-            params = [params] if isinstance(params, torch.Tensor) else list(params)
-
-            def ndim(entry: Any) -> int:
-                return (entry[1] if isinstance(entry, tuple) else entry).dim()
-
-            for flag, members in (
-                (True, [e for e in params if ndim(e) >= 2]),
-                (False, [e for e in params if ndim(e) < 2]),
-            ):
-                if members:
-                    self.add_param_group({**param_group, "params": members, "use_root": flag})
-            return
+        params = param_group["params"]
+        if isinstance(params, torch.Tensor):
+            params = [params]
+        elif not isinstance(params, set):  # torch raises its own TypeError for sets
+            params = list(params)
+        param_group["params"] = params
+        trial = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
+        validate_group(trial)
+        tensors = [e[1] if isinstance(e, tuple) else e for e in params]
+        if all(isinstance(t, torch.Tensor) for t in tensors):
+            needed = self._check_params(trial, tensors, len(self.param_groups))
+        else:
+            needed = {}  # torch's add_param_group raises the TypeError
         super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        _validate_group(group)
-        if group["use_root"]:
-            for p in group["params"]:
-                if p.dim() < 2:
-                    raise _flat_param_error(tuple(p.shape))
-                param_view(p.shape, group["matrix_view"], group["matrix_split"])  # split sizes must fit
+        validate_group(self.param_groups[-1])  # normalizes in place; cannot fail after the trial above
+        self._commit_schedules(needed)
+        self._added_ndims.append([p.dim() for p in self.param_groups[-1]["params"]])
+
+    # -- pickling ----------------------------------------------------------------------------------------------------
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        group = self.process_group
+        if group is not None and not isinstance(group, str):
+            if group is not dist.group.WORLD:
+                raise TypeError(
+                    "ROOT with a custom process_group cannot be pickled or deep-copied (a ProcessGroup cannot be "
+                    "pickled). Set opt.process_group to None or 'default' before copying, and the group again after."
+                )
+            group = "default"
+        state.update(
+            nonfinite_grads=self.nonfinite_grads,
+            process_group=group,
+            collect_diagnostics=self.collect_diagnostics,
+            _schedules=self._schedules,
+            _added_ndims=self._added_ndims,
+        )
+        return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("nonfinite_grads", "raise")
-        self.__dict__.setdefault("process_group", "auto")
+        self.__dict__.setdefault("process_group", None)
         self.__dict__.setdefault("collect_diagnostics", False)
         self.__dict__.setdefault("last_diagnostics", {})
+        self.__dict__.setdefault("_schedules", {})
+        if "_added_ndims" not in self.__dict__:
+            self._added_ndims = [[p.dim() for p in g["params"]] for g in self.param_groups]
+
+    # -- loading -----------------------------------------------------------------------------------------------------
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load state; unlike ``torch.optim.Optimizer``, floating state keeps float32 for half-precision params."""
-        saved_state = state_dict["state"]
-        saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
-        super().load_state_dict(state_dict)
-        params = [p for g in self.param_groups for p in g["params"]]
-        for pid, p in zip(saved_ids, params, strict=False):
-            if pid not in saved_state or p.dtype not in _HALF:
+        """Load state, after checking it; unlike `torch.optim.Optimizer`, half-precision params keep float32 state.
+
+        The checks run on what the registered load pre-hooks returned, before anything changes: every group's
+        hyperparameters (as `add_param_group`), and every state tensor's shape against its parameter. A plain-number
+        AdamW `step` (older checkpoints) becomes a float32 tensor. Schedules are resolved here for the loaded
+        hyperparameters.
+
+        Args:
+            state_dict: as returned by `state_dict()`.
+
+        Raises:
+            ValueError: for invalid hyperparameters, or state saved for a differently shaped parameter (the message
+                names it); the optimizer is then unchanged.
+        """
+        loaded: dict[str, Any] = {}
+
+        def check(optimizer: Optimizer, sd: dict[str, Any]) -> None:  # runs after every user pre-hook
+            loaded["needed"] = self._check_loadable(sd)
+            loaded["state_dict"] = sd
+
+        def finish(optimizer: Optimizer) -> None:  # runs before every user post-hook
+            self._finish_load(loaded["state_dict"], loaded["needed"])
+
+        pre = self.register_load_state_dict_pre_hook(check)
+        post = self.register_load_state_dict_post_hook(finish, prepend=True)
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            pre.remove()
+            post.remove()
+
+    def _id_map(self, sd: dict[str, Any]) -> dict[Any, tuple[torch.Tensor, dict[str, Any], int, int]]:
+        """Saved param id -> (param, its current group, index in group, group index); empty if the layouts differ
+        (then torch's own load_state_dict raises)."""
+        saved = sd["param_groups"]
+        if len(saved) != len(self.param_groups):
+            return {}
+        if any(len(s["params"]) != len(g["params"]) for s, g in zip(saved, self.param_groups, strict=True)):
+            return {}
+        out = {}
+        for gi, (s, g) in enumerate(zip(saved, self.param_groups, strict=True)):
+            for i, (pid, p) in enumerate(zip(s["params"], g["params"], strict=True)):
+                out[pid] = (p, g, i, gi)
+        return out
+
+    def _check_loadable(self, sd: dict[str, Any]) -> dict:
+        id_map = self._id_map(sd)
+        if not id_map:
+            return {}
+        needed: dict[tuple[Any, int], dict[tuple[int, int], Schedule]] = defaultdict(dict)
+        for gi, (saved, group) in enumerate(zip(sd["param_groups"], self.param_groups, strict=True)):
+            trial = {**self.defaults, **{k: v for k, v in saved.items() if k != "params"}}
+            try:
+                validate_group(trial)
+            except ValueError as e:
+                raise ValueError(f"load_state_dict: param group {gi}: {e}") from None
+            if "param_names" in group:
+                trial["param_names"] = group["param_names"]
+            for key, by_shape in self._check_params(trial, group["params"], gi).items():
+                needed[key].update(by_shape)
+        for pid, entry in sd["state"].items():
+            if pid not in id_map:
                 continue
-            for key, value in saved_state[pid].items():
-                if key != "step" and isinstance(value, torch.Tensor) and value.is_floating_point():
-                    self.state[p][key] = value.to(device=p.device, dtype=torch.float32)
+            p, group, i, gi = id_map[pid]
+            for key, value in entry.items():
+                if key == "step":
+                    if not (isinstance(value, (int, float)) or (torch.is_tensor(value) and value.numel() == 1)):
+                        raise ValueError(
+                            f"load_state_dict: state 'step' of parameter {_param_label(group, i, gi)} is {value!r}; "
+                            "expected a number or a one-element tensor."
+                        )
+                elif torch.is_tensor(value) and tuple(value.shape) != tuple(p.shape):
+                    raise ValueError(
+                        f"load_state_dict: state {key!r} of parameter {_param_label(group, i, gi)} has shape "
+                        f"{tuple(value.shape)}, but the parameter has shape {tuple(p.shape)}: the state was saved for "
+                        "a different model, parameter order or routing."
+                    )
+        return needed
+
+    def _finish_load(self, sd: dict[str, Any], needed: dict) -> None:
+        for group in self.param_groups:
+            for key in DEFAULTS:
+                group.setdefault(key, self.defaults[key])  # checkpoints from before a key existed
+            validate_group(group)
+        self._commit_schedules(needed)
+        id_map = self._id_map(sd)
+        for pid, entry in sd["state"].items():
+            if pid not in id_map:
+                continue
+            p = id_map[pid][0]
+            state = self.state[p]
+            if "step" in state and not torch.is_tensor(state["step"]):
+                state["step"] = torch.tensor(float(state["step"]), dtype=torch.float32)
+            if p.dtype in _HALF:
+                for key, value in entry.items():
+                    if key != "step" and torch.is_tensor(value) and value.is_floating_point():
+                        state[key] = value.to(device=p.device, dtype=torch.float32)
+
+    # -- step --------------------------------------------------------------------------------------------------------
+
+    @property
+    def distributed_strategy(self) -> str:
+        """How the ROOT branch runs: `"single"` (every rank computes everything), `"ddp"` (owner split over
+        `process_group`) or `"fsdp2"` (DTensor params: whole matrices gathered to owner ranks over their mesh)."""
+        params = [p for g, i, p in self._params() if _on_root(g, p, self._ndim(g, i, p))]
+        return plan_for(params, self.process_group).mode
+
+    def _params(self) -> list[tuple[dict[str, Any], int, torch.Tensor]]:
+        return [(g, i, p) for g in self.param_groups for i, p in enumerate(g["params"])]
+
+    def _ndim(self, group: dict[str, Any], index: int, p: torch.Tensor) -> int:
+        """ndim of the param at this position when its group was added (its current ndim if unknown)."""
+        for gi, g in enumerate(self.param_groups):
+            if g is group:
+                ndims = self._added_ndims[gi] if gi < len(self._added_ndims) else []
+                return ndims[index] if index < len(ndims) else p.dim()
+        return p.dim()
 
     def _grads_finite(self) -> bool:
-        """True if every gradient is finite; under FSDP2 the answer is agreed over the mesh (shards differ)."""
+        """True if every gradient is finite; under FSDP2 the answer is agreed over the mesh (shards differ).
+
+        The check is a max-abs (infinity norm) per gradient: it cannot overflow on finite values, unlike a norm.
+        """
         with_grad = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
-        if not with_grad:
-            return True
         local = [local_tensor(p.grad) for p in with_grad]
-        norms = [
-            torch.linalg.vector_norm(g, dtype=torch.promote_types(g.dtype, torch.float32)).reshape(1) for g in local
-        ]
-        finite = bool(torch.isfinite(torch.cat([n.to(norms[0]) for n in norms])).all())
+        peaks = [torch.linalg.vector_norm(g, ord=math.inf).float().reshape(1) for g in local if g.numel() > 0]
+        finite = bool(torch.isfinite(torch.cat([t.to(peaks[0].device) for t in peaks])).all()) if peaks else True
         sharded = [p for p in with_grad if local_tensor(p) is not p]
         if sharded:
-            finite = plan_for(sharded[:1]).all_true(finite, local[0].device)
+            finite = plan_for(sharded[:1]).all_true(finite, local_tensor(sharded[0].grad).device)
         return finite
+
+    def _root_state(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        bufs = []
+        for p in params:
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(
+                    p, dtype=_state_dtype(p), memory_format=torch.contiguous_format
+                )
+            bufs.append(state["momentum_buffer"])
+        return bufs
+
+    def _adamw_state(self, params: list[torch.Tensor]) -> tuple[list, list, list]:
+        exp_avgs, exp_avg_sqs, steps = [], [], []
+        for p in params:
+            state = self.state[p]
+            if "step" not in state:
+                # float32 scalar tensor, as torch.optim.AdamW, so state dicts look the same.
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(p, dtype=_state_dtype(p))
+                state["exp_avg_sq"] = torch.zeros_like(p, dtype=_state_dtype(p))
+            elif not torch.is_tensor(state["step"]):
+                state["step"] = torch.tensor(float(state["step"]), dtype=torch.float32)
+            exp_avgs.append(local_tensor(state["exp_avg"]))
+            exp_avg_sqs.append(local_tensor(state["exp_avg_sq"]))
+            steps.append(state["step"])
+        return exp_avgs, exp_avg_sqs, steps
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
+        """Perform one optimization step.
+
+        Args:
+            closure: re-evaluates the model and returns the loss (optional).
+
+        Returns:
+            The closure's loss, or None.
+
+        Raises:
+            FloatingPointError: for a non-finite gradient with `nonfinite_grads="raise"` (nothing is changed).
+            ValueError: for sparse gradients, complex params, or a param of fewer than 2 dims on the ROOT branch.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -687,59 +488,44 @@ class ROOT(Optimizer):
             if self.nonfinite_grads == "raise":
                 raise FloatingPointError(
                     "ROOT.step() received a non-finite gradient (inf or NaN); no parameter or state was changed. "
-                    "Lower the learning rate, use gradient clipping or a GradScaler (which skips such steps), or "
-                    "construct ROOT(..., nonfinite_grads='skip') to skip these steps with a warning."
+                    "Lower the learning rate, use gradient clipping or a GradScaler (which skips such steps), or skip "
+                    "these steps with a warning: ROOT(..., nonfinite_grads='skip'), or with the Hugging Face Trainer "
+                    'optim_args="nonfinite_grads=skip".'
                 )
             warnings.warn("ROOT skipped a step with a non-finite gradient; nothing was changed.", stacklevel=2)
             return loss
         collect = self.collect_diagnostics
         diag: dict[str, dict[str, list[torch.Tensor]]] = {"root": defaultdict(list), "adamw": defaultdict(list)}
-        for group in self.param_groups:
-            params, grads = [], []
-            for p in group["params"]:
+        root_params: list[torch.Tensor] = []
+        for gi, group in enumerate(self.param_groups):
+            ndims = self._added_ndims[gi] if gi < len(self._added_ndims) else []
+            on_root: list[torch.Tensor] = []
+            on_adamw: list[torch.Tensor] = []
+            for i, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse or torch.is_complex(p):
                     raise ValueError("ROOT does not support sparse gradients or complex parameters.")
-                params.append(p)
-                grads.append(p.grad)
-            if not params:
-                continue
-            if group["use_root"]:
-                bufs = []
-                for p in params:
-                    state = self.state[p]
-                    if "momentum_buffer" not in state:
-                        state["momentum_buffer"] = torch.zeros_like(
-                            p, dtype=_state_dtype(p), memory_format=torch.contiguous_format
-                        )
-                    bufs.append(state["momentum_buffer"])
+                (on_root if _on_root(group, p, ndims[i] if i < len(ndims) else None) else on_adamw).append(p)
+            if on_root:
+                root_params += on_root
                 root(
-                    params,
-                    grads,
-                    bufs,
+                    on_root,
+                    [p.grad for p in on_root],
+                    self._root_state(on_root),
                     **{k: group[k] for k in _ROOT_KEYS},
                     lr=group["lr"],
                     weight_decay=group["weight_decay"],
+                    schedules=self._schedules.get((group["ns_coefficients"], group["ns_steps"])),
                     diagnostics=diag["root"] if collect else None,
                     process_group=self.process_group,
                 )
-            else:
-                exp_avgs, exp_avg_sqs, steps = [], [], []
-                for p in params:
-                    state = self.state[p]
-                    if "step" not in state:
-                        # float32 scalar tensor, as torch.optim.AdamW, so state dicts look the same.
-                        state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                        state["exp_avg"] = torch.zeros_like(p, dtype=_state_dtype(p))
-                        state["exp_avg_sq"] = torch.zeros_like(p, dtype=_state_dtype(p))
-                    exp_avgs.append(local_tensor(state["exp_avg"]))
-                    exp_avg_sqs.append(local_tensor(state["exp_avg_sq"]))
-                    steps.append(state["step"])
+            if on_adamw:
+                exp_avgs, exp_avg_sqs, steps = self._adamw_state(on_adamw)
                 beta1, beta2 = group["betas"]
                 adamw(  # elementwise: local shards of FSDP2 DTensors are enough
-                    [local_tensor(p) for p in params],
-                    [local_tensor(g) for g in grads],
+                    [local_tensor(p) for p in on_adamw],
+                    [local_tensor(p.grad) for p in on_adamw],
                     exp_avgs,
                     exp_avg_sqs,
                     steps,
@@ -751,9 +537,27 @@ class ROOT(Optimizer):
                     diagnostics=diag["adamw"] if collect else None,
                 )
         if collect:
-            self.last_diagnostics = {
-                f"{branch}/{name}": float(torch.cat([v.float().cpu() for v in values]).mean())
-                for branch, stats in diag.items()
-                for name, values in stats.items()
-            }
+            self.last_diagnostics = self._summarize(diag, root_params)
         return loss
+
+    def _summarize(self, diag: dict[str, dict[str, list[torch.Tensor]]], root_params: list[torch.Tensor]) -> dict:
+        """Means over matrices; the ROOT branch's sums and counts are reduced over the group that split the work."""
+        out: dict[str, float] = {}
+        sums = torch.zeros(2 * len(_ROOT_DIAGNOSTICS), dtype=torch.float64)
+        for k, name in enumerate(_ROOT_DIAGNOSTICS):
+            values = diag["root"].get(name)
+            if values:
+                flat = torch.cat([v.double().cpu().reshape(-1) for v in values])
+                sums[2 * k], sums[2 * k + 1] = flat.sum(), flat.numel()
+        plan = plan_for(root_params, self.process_group) if root_params else None
+        if plan is not None and plan.group is not None:
+            device = local_tensor(root_params[0]).device
+            reduced = sums.to(device=device, dtype=torch.float32 if device.type == "mps" else torch.float64)
+            dist.all_reduce(reduced, group=plan.group)
+            sums = reduced.cpu().double()
+        for k, name in enumerate(_ROOT_DIAGNOSTICS):
+            if sums[2 * k + 1] > 0:
+                out[f"root/{name}"] = float(sums[2 * k] / sums[2 * k + 1])
+        for name, values in diag["adamw"].items():
+            out[f"adamw/{name}"] = float(torch.cat([v.float().cpu().reshape(-1) for v in values]).mean())
+        return out

@@ -10,7 +10,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-import root_hf.optim.root as root_module
+import root_hf.optim.functional as root_module
 from root_hf import ROOT
 
 
@@ -81,13 +81,20 @@ def main() -> None:
 
     root_module.newton_schulz = counting
     model = torch.nn.parallel.DistributedDataParallel(build(mode))
-    opt = ROOT(param_groups(model.module, mode), lr=0.02)
-    for x in batches(3):
+    opt = ROOT(param_groups(model.module, mode), lr=0.02, process_group="default")
+    for step, x in enumerate(batches(3)):
         shard = x.chunk(world)[rank]  # each rank sees its slice of the global batch
         opt.zero_grad()
         model(shard).square().mean().backward()
+        opt.collect_diagnostics = step == 2
         opt.step()
-    torch.save({"params": [p.detach() for p in model.module.parameters()], **counted}, f"{out_dir}/rank{rank}.pt")
+    result = {
+        "params": [p.detach() for p in model.module.parameters()],
+        "diagnostics": opt.last_diagnostics,
+        "strategy": opt.distributed_strategy,
+        **counted,
+    }
+    torch.save(result, f"{out_dir}/rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()
 

@@ -22,7 +22,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import root_hf.optim.root as root_module
+import root_hf.optim.functional as root_module
 from root_hf import ROOT
 
 # Odd vocab (101) and intermediate (75) sizes: their rows do not split evenly over 2 ranks.

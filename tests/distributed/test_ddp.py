@@ -60,23 +60,33 @@ def test_ddp_with_fused_expert_tensors_matches_single_process(tmp_path):
 
     model = ddp_worker.build("moe")
     opt = ROOT(ddp_worker.param_groups(model, "moe"), lr=0.02)
-    for x in ddp_worker.batches(3):
+    for step, x in enumerate(ddp_worker.batches(3)):
         opt.zero_grad()
         model(x).square().mean().backward()
+        opt.collect_diagnostics = step == 2
         opt.step()
     for p, d in zip(model.parameters(), ranks[0]["params"], strict=True):
         torch.testing.assert_close(p.detach(), d, rtol=1e-5, atol=1e-6)
 
+    # Diagnostics are reduced over the group: every rank reports the means over all 11 matrices, as one process does.
+    assert ranks[0]["strategy"] == "ddp"
+    assert ranks[0]["diagnostics"] == ranks[1]["diagnostics"]
+    assert set(ranks[0]["diagnostics"]) == set(opt.last_diagnostics)
+    for key, value in opt.last_diagnostics.items():
+        assert ranks[0]["diagnostics"][key] == pytest.approx(value, rel=1e-4), key
+
 
 def test_no_process_group_means_the_single_process_path():
-    from root_hf.distributed import plan_for
+    """process_group=None (the default) never splits work, even when torch.distributed is initialized."""
+    from root_hf.optim.distributed import plan_for
 
     assert plan_for([torch.zeros(3, 3)]).mode == "single"
     assert plan_for([torch.zeros(3, 3)], process_group=None).mode == "single"
+    assert plan_for([torch.zeros(3, 3)], process_group="default").mode == "single"  # not initialized here
 
 
 def test_owner_assignment_balances_flops_and_is_deterministic():
-    from root_hf.distributed import assign_owners
+    from root_hf.optim.distributed import assign_owners
 
     shapes = [(576, 1536)] * 3 + [(576, 576)] * 4 + [(192, 576)] * 2
     owners = assign_owners(shapes, 2)

@@ -17,8 +17,8 @@ peft = pytest.importorskip("peft")
 from transformers import Trainer  # noqa: E402
 
 from root_hf import ROOT, create_root_optimizer, route_parameters  # noqa: E402
-from root_hf.optim.coefficients import DEFAULT_SCHEDULE, get_schedule, schedule_band  # noqa: E402
-from root_hf.optim.root import adjusted_lr_ratio  # noqa: E402
+from root_hf.optim.functional import adjusted_lr_ratio  # noqa: E402
+from root_hf.schedules import DEFAULT_SCHEDULE, get_schedule, schedule_band  # noqa: E402
 from tests.utils import run_markdown_examples  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]

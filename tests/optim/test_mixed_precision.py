@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from root_hf import ROOT, orthogonalize
-from root_hf.optim.coefficients import get_schedule, schedule_band
+from root_hf.schedules import get_schedule, schedule_band
 from tests.utils import assert_equal
 
 

@@ -3,7 +3,7 @@
 import torch
 
 from root_hf import RootReference
-from root_hf.optim.coefficients import MUON_COEFFICIENTS
+from root_hf.schedules import MUON_COEFFICIENTS
 
 
 def test_reference_single_step_is_the_papers_formula():

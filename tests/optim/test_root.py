@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from root_hf import ROOT, RootReference
-from root_hf.optim.root import adjusted_lr_ratio
+from root_hf.optim.functional import adjusted_lr_ratio
 from tests.utils import assert_equal, clone_params
 
 SHAPES = {
@@ -83,12 +83,16 @@ def test_adamw_branch_equals_torch_adamw_bitwise(weight_decay):
             assert_equal(opt.state[p][key], adamw.state[r][key])
 
 
-def test_params_are_split_by_ndim_without_explicit_groups():
+def test_user_group_is_one_param_group_with_branch_by_ndim():
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Conv1d(8, 2, 3))
     opt = ROOT(model.parameters())
-    by_flag = {g["use_root"]: [tuple(p.shape) for p in g["params"]] for g in opt.param_groups}
-    assert by_flag[True] == [(8, 4), (2, 8, 3)]
-    assert by_flag[False] == [(8,), (8,), (8,), (2,)]
+    assert len(opt.param_groups) == 1 and opt.param_groups[0]["use_root"] is None
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    branches = {tuple(p.shape): set(opt.state[p]) for p in model.parameters()}
+    assert branches[(8, 4)] == branches[(2, 8, 3)] == {"momentum_buffer"}
+    assert branches[(8,)] == branches[(2,)] == {"step", "exp_avg", "exp_avg_sq"}
 
 
 def test_group_hyperparameters_override_defaults():
@@ -100,8 +104,7 @@ def test_group_hyperparameters_override_defaults():
 def test_named_parameters_are_accepted():
     model = torch.nn.Linear(5, 3)
     opt = ROOT(model.named_parameters())
-    names = {g["use_root"]: g["param_names"] for g in opt.param_groups}
-    assert names == {True: ["weight"], False: ["bias"]}
+    assert [g["param_names"] for g in opt.param_groups] == [["weight", "bias"]]
 
 
 def test_explicit_embedding_group_takes_adamw_branch():
@@ -390,3 +393,192 @@ def test_closure_is_evaluated_and_its_loss_returned():
 
     loss = opt.step(closure)
     assert torch.is_tensor(loss) and w.grad is not None
+
+
+# -- torch.optim conformance and the redesign's properties (issue 12) -------------------------------------------------
+
+
+def test_user_group_is_one_param_group_and_lambda_lr_takes_one_lambda_per_group():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+    opt = ROOT([{"params": model[0].parameters()}, {"params": model[1].parameters(), "lr": 0.5}], lr=0.1)
+    assert len(opt.param_groups) == 2
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, [lambda s: 1.0, lambda s: 0.5])
+    model(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    scheduler.step()
+    assert [g["lr"] for g in opt.param_groups] == [0.1, 0.25]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"momentum": 1.5},
+        {"params": [torch.nn.Parameter(torch.randn(6))], "use_root": True},
+        {"matrix_split": [0, [1]]},
+    ],
+    ids=["momentum", "flat_param_on_root", "split_does_not_fit"],
+)
+def test_refused_group_leaves_no_trace(bad):
+    w = torch.nn.Parameter(torch.randn(4, 4))
+    opt = ROOT([w])
+    before = (copy.deepcopy(opt.param_groups[0]["lr"]), len(opt.param_groups), dict(opt._schedules))
+    group = {"params": [torch.nn.Parameter(torch.randn(5, 7))], **bad}
+    with pytest.raises(ValueError):
+        opt.add_param_group(group)
+    assert (opt.param_groups[0]["lr"], len(opt.param_groups), opt._schedules) == before
+    assert len(opt._added_ndims) == 1
+
+
+def _trained(shapes=((6, 4), (4,)), dtype=torch.float32, **kwargs):
+    params = _random_params(list(shapes), dtype=dtype)
+    opt = ROOT(params, lr=0.01, **kwargs)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    return params, opt
+
+
+@pytest.mark.parametrize(("key", "value"), [("momentum", 1.5), ("ns_steps", -3), ("eps", float("inf"))])
+def test_load_state_dict_refuses_invalid_hyperparameters_and_changes_nothing(key, value):
+    _params, opt = _trained()
+    saved = opt.state_dict()
+    before = copy.deepcopy(opt.state_dict())
+    bad = copy.deepcopy(saved)
+    bad["param_groups"][0][key] = value
+    with pytest.raises(ValueError, match=key):
+        opt.load_state_dict(bad)
+    after = opt.state_dict()
+    assert after["param_groups"] == before["param_groups"]
+    for pid, entry in before["state"].items():
+        for k, v in entry.items():
+            assert_equal(after["state"][pid][k], v)
+
+
+def test_load_state_dict_refuses_state_saved_for_a_differently_shaped_param():
+    _, opt = _trained(((6, 4), (4,)))
+    named = torch.nn.Linear(4, 6)
+    other = ROOT(named.named_parameters(), lr=0.01)
+    bad = opt.state_dict()
+    bad["state"][0]["momentum_buffer"] = torch.zeros(4, 6)
+    with pytest.raises(ValueError, match=r"'momentum_buffer' of parameter 'weight' has shape \(4, 6\)"):
+        other.load_state_dict(bad)
+    assert len(other.state) == 0
+
+
+def test_plain_number_adamw_step_loads_and_continues_like_torch_adamw():
+    params, opt = _trained(((5,),))
+    ref_params = clone_params(params)
+    ref = torch.optim.AdamW(ref_params, lr=0.01, weight_decay=0.1, betas=(0.9, 0.95), foreach=False)
+    saved = opt.state_dict()
+    saved["state"][0]["step"] = 1  # older checkpoints: a plain number
+    ref_saved = ref.state_dict()
+    ref_saved["state"] = copy.deepcopy(saved["state"])
+    opt.load_state_dict(saved)
+    ref.load_state_dict(ref_saved)
+    assert torch.is_tensor(opt.state[params[0]]["step"])
+    _run(opt, params, ref, ref_params, steps=2)
+    assert_equal(params[0], ref_params[0])
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_copies_keep_every_constructor_setting(how):
+    _params, opt = _trained(nonfinite_grads="skip", process_group="default")
+    opt.collect_diagnostics = True
+    if how == "deepcopy":
+        copied = copy.deepcopy(opt)
+    else:
+        buffer = io.BytesIO()
+        torch.save(opt, buffer)
+        buffer.seek(0)
+        copied = torch.load(buffer, weights_only=False)
+    assert (copied.nonfinite_grads, copied.process_group, copied.collect_diagnostics) == ("skip", "default", True)
+    assert copied._schedules == opt._schedules
+
+
+def test_load_pre_hook_result_is_honoured_for_half_precision_params():
+    params, opt = _trained(dtype=torch.bfloat16)
+    saved = _roundtrip(opt.state_dict())
+    target = saved["state"][0]["momentum_buffer"] * 3 + 1e-3  # not representable in bfloat16
+
+    def replace_momentum(optimizer, state_dict):
+        state_dict = copy.deepcopy(state_dict)
+        state_dict["state"][0]["momentum_buffer"] = target.clone()
+        return state_dict
+
+    fresh = ROOT(params, lr=0.01)
+    fresh.register_load_state_dict_pre_hook(replace_momentum)
+    fresh.load_state_dict(saved)
+    assert fresh.state[params[0]]["momentum_buffer"].dtype == torch.float32
+    assert_equal(fresh.state[params[0]]["momentum_buffer"], target)
+
+
+def test_zero_size_params_are_a_noop():
+    params = _random_params([(0, 16), (16, 0), (0,), (3, 0, 2), (4, 4)], dtype=torch.float32)
+    opt = ROOT([*params, torch.nn.Parameter(torch.zeros(2, 0, 3))], lr=0.1)
+    opt.param_groups[0]["matrix_view"] = "batched"
+    for p in opt.param_groups[0]["params"]:
+        p.grad = torch.randn_like(p)
+    opt.collect_diagnostics = True
+    opt.step()
+    assert torch.isfinite(params[-1]).all()
+
+
+def test_a_huge_finite_gradient_is_not_called_nonfinite():
+    w = torch.nn.Parameter(torch.randn(8, 8))
+    opt = ROOT([w], lr=0.01)
+    w.grad = torch.randn_like(w)
+    w.grad[0, 0] = 1e30  # its float32 squared norm overflows; the gradient is finite
+    opt.step()
+    assert torch.isfinite(w).all()
+
+
+def test_nonfinite_error_names_the_trainer_option():
+    w = torch.nn.Parameter(torch.randn(4, 4))
+    opt = ROOT([w])
+    w.grad = torch.full_like(w, float("nan"))
+    with pytest.raises(FloatingPointError, match='optim_args="nonfinite_grads=skip"'):
+        opt.step()
+
+
+def test_distributed_strategy_is_single_without_a_process_group():
+    opt = ROOT([torch.nn.Parameter(torch.randn(4, 4))])
+    assert opt.distributed_strategy == "single"
+    assert ROOT([torch.nn.Parameter(torch.randn(4, 4))], process_group="default").distributed_strategy == "single"
+
+
+def test_schedules_are_resolved_when_params_are_added_never_in_step(monkeypatch):
+    import root_hf.optim.functional as functional
+    import root_hf.schedules as schedules
+
+    opt = ROOT([torch.nn.Parameter(torch.randn(37, 91))], ns_coefficients="muon")
+    assert (37, 91) in opt._schedules[("muon", 5)]
+    opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(3, 5, 7))], "matrix_view": "batched"})
+    assert (5, 7) in opt._schedules[("muon", 5)]
+    saved = opt.state_dict()
+    saved["param_groups"][1]["ns_coefficients"] = "polar-express"
+    opt.load_state_dict(saved)
+    assert (5, 7) in opt._schedules[("polar-express", 5)]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("get_schedule called inside step()")
+
+    monkeypatch.setattr(functional, "get_schedule", refuse)
+    monkeypatch.setattr(schedules, "get_schedule", refuse)
+    for group in opt.param_groups:
+        for p in group["params"]:
+            p.grad = torch.randn_like(p)
+    opt.step()
+
+
+def test_step_writes_no_files_and_keeps_thread_count(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    opt = ROOT([torch.nn.Parameter(torch.randn(37, 91)), torch.nn.Parameter(torch.randn(5))])
+    files = sorted(tmp_path.rglob("*"))
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: calls.append(n))
+    for p in opt.param_groups[0]["params"]:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert sorted(tmp_path.rglob("*")) == files
+    assert calls == []

@@ -185,3 +185,11 @@ def test_param_view_blocks():
     assert (view.batch, view.matrix, view.num_matrices) == (8, (6, 4), 16)
     assert [b.shape for b in view.blocks] == [(2, 4), (4, 4)]
     assert param_view((8, 3, 3, 3)).matrix == (8, 27)
+
+
+def test_algorithm_page_examples_run():
+    from pathlib import Path
+
+    from tests.utils import run_markdown_examples
+
+    run_markdown_examples(Path(__file__).parents[2] / "docs" / "algorithm.md")

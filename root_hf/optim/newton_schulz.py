@@ -6,7 +6,7 @@ from typing import Literal
 
 import torch
 
-from .coefficients import DEFAULT_SCHEDULE, Schedule, ScheduleSpec, get_schedule
+from ..schedules import DEFAULT_SCHEDULE, Schedule, ScheduleSpec, get_schedule
 
 __all__ = ["NS_DTYPES", "NsDtype", "newton_schulz", "orthogonalize", "resolve_ns_dtype"]
 

@@ -1,16 +1,26 @@
-"""Command line for Newton-Schulz coefficient schedules: ``python -m root_hf.coefficients``.
+"""Command line for Newton-Schulz schedules: `python -m root_hf.schedules show|model|table`.
 
-Print schedules, their guaranteed band and their predicted errors for given shapes::
+Print schedules, their band and their predicted errors for given shapes:
 
-    python -m root_hf.coefficients show 2048x8192 16x4096 --compare
+``
+python -m root_hf.schedules show 2048x8192 16x4096 --compare
+``
 
-Fit (and cache on disk) the adaptive schedule of every matrix ROOT orthogonalizes in a model, LoRA factors included::
+Resolve the adaptive schedule of every matrix ROOT orthogonalizes in a model, LoRA factors included, and time the fits
+of shapes missing from the shipped table:
 
-    python -m root_hf.coefficients model path/to/config.json --lora-r 8 16
+``
+python -m root_hf.schedules model path/to/config.json --lora-r 8 16
+``
 
-Regenerate or verify the shipped table (:mod:`root_hf.optim.schedule_table`)::
+Regenerate the shipped table (to a file you name, or to stdout), or check it against a fresh fit:
 
-    python -m root_hf.coefficients table --check
+``
+python -m root_hf.schedules table --out root_hf/schedules/table.py
+python -m root_hf.schedules table --check
+``
+
+The model shape data (`MODEL_DIMS`, `LORA_RANKS`) that defines the table's shapes lives here, not in the library.
 """
 
 from __future__ import annotations
@@ -22,8 +32,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from .optim import adaptive
-from .optim.coefficients import ADAPTIVE_BAND, SAFE_BAND, SCHEDULE_NAMES, Schedule, get_schedule, shape_key
+from . import SCHEDULE_NAMES, fit, get_schedule, schedule_source, table
+from .named import ADAPTIVE_BAND, SAFE_BAND, Schedule, check_schedule, shape_key
 
 __all__ = [
     "LORA_RANKS",
@@ -63,12 +73,14 @@ MODEL_DIMS: dict[str, tuple[int, int, int, int, int]] = {
 }
 # LoRA ranks of the shipped table (PEFT's default r is 8; 4-64 covers common recipes).
 LORA_RANKS: tuple[int, ...] = (4, 8, 16, 32, 64)
+# Newton-Schulz steps of the shipped table (ROOT's default ns_steps).
+_TABLE_STEPS = 5
 # Families shown in compact tables (the three of the orthogonality benchmark).
 _SHOWN = ("gaussian", "low-rank", "power-1")
 
 
 def parse_shape(text: str) -> tuple[int, int]:
-    """``"2048x8192"`` (or ``"2048,8192"``) -> ``(2048, 8192)``."""
+    """`"2048x8192"` (or `"2048,8192"`) -> `(2048, 8192)`."""
     parts = text.lower().replace(",", "x").split("x")
     if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
         raise ValueError(f"Invalid shape: {text!r}. Must be two positive integers like '2048x8192'.")
@@ -76,7 +88,7 @@ def parse_shape(text: str) -> tuple[int, int]:
 
 
 def layer_shapes(hidden: int, intermediate: int, heads: int, kv_heads: int, head_dim: int) -> dict[str, tuple]:
-    """``(out, in)`` of one decoder layer's matrices, with the fused QKV and gate-up variants some models use."""
+    """`(out, in)` of one decoder layer's matrices, with the fused QKV and gate-up variants some models use."""
     q, kv = heads * head_dim, kv_heads * head_dim
     return {
         "q_proj": (q, hidden),
@@ -97,7 +109,7 @@ def _lora_shapes(shape: tuple[int, int], ranks: Sequence[int]) -> list[tuple[int
 
 
 def table_shapes() -> list[tuple[int, int]]:
-    """Every shape key ``(min, max)`` of the shipped table: :data:`MODEL_DIMS` layers and their LoRA factors."""
+    """Every shape key `(min, max)` of the shipped table: `MODEL_DIMS` layers and their LoRA factors."""
     keys = set()
     for dims in MODEL_DIMS.values():
         for shape in layer_shapes(*dims).values():
@@ -129,11 +141,11 @@ def config_matrix_shapes(path: str | Path, use_transformers: bool = True) -> dic
     """The matrices ROOT orthogonalizes in a model: shape key -> parameter names.
 
     With transformers installed the model is built on the meta device from its config (no weights, no download) and
-    routed with :func:`root_hf.integrations.routing.route_parameters`, so every architecture is exact; otherwise the
-    Llama-style keys of ``config.json`` give one decoder layer's matrices.
+    routed with `root_hf.integrations.routing.route_parameters`, so every architecture is exact; otherwise the
+    Llama-style keys of `config.json` give one decoder layer's matrices.
 
     Args:
-        path: a ``config.json`` file or a directory holding one.
+        path: a `config.json` file or a directory holding one.
         use_transformers: build the model with transformers when it is installed (default: True).
     """
     path = Path(path)
@@ -150,7 +162,7 @@ def config_matrix_shapes(path: str | Path, use_transformers: bool = True) -> dic
         import torch
         from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-        from .integrations.routing import route_parameters
+        from ..integrations.routing import route_parameters
 
         config = AutoConfig.from_pretrained(str(file.parent))
         with torch.device("meta"):
@@ -174,19 +186,19 @@ def _fmt(value: float) -> str:
 
 def _describe(name: str, shape: tuple[int, int], ns_steps: int) -> tuple[Schedule, dict[str, float], float]:
     schedule = get_schedule(name, shape, ns_steps)
-    errors = adaptive.schedule_errors(schedule, shape)
-    return schedule, errors, adaptive.check_schedule(schedule, SAFE_BAND).max_bf16
+    errors = fit.schedule_errors(schedule, shape)
+    return schedule, errors, check_schedule(schedule, SAFE_BAND).max_bf16
 
 
 def _show(args: argparse.Namespace) -> int:
     for text in args.shapes:
         shape = parse_shape(text)
         key = shape_key(shape)
-        source = adaptive.schedule_source(key, args.steps) if args.schedule == "adaptive" else "named"
+        source = schedule_source(key, args.steps) if args.schedule == "adaptive" else "named"
         start = time.perf_counter()
         schedule = get_schedule(args.schedule, shape, args.steps)
         took = time.perf_counter() - start
-        check = adaptive.check_schedule(schedule, ADAPTIVE_BAND)
+        check = check_schedule(schedule, ADAPTIVE_BAND)
         print(
             f"shape {shape[0]} x {shape[1]}  ns_steps={args.steps}  schedule={args.schedule!r}  source: {source}",
             end="",
@@ -201,15 +213,13 @@ def _show(args: argparse.Namespace) -> int:
             f" bfloat16 [{check.min_bf16:.4f}, {check.max_bf16:.4f}]"
             + (f" (adaptive guarantee: [0, {ADAPTIVE_BAND[1]}])" if args.schedule == "adaptive" else "")
         )
-        errors = adaptive.schedule_errors(schedule, key)
+        errors = fit.schedule_errors(schedule, key)
         print("  predicted relative error: " + "  ".join(f"{f} {_fmt(e)}" for f, e in errors.items()))
         if args.compare:
-            print(f"  {'schedule':<16}" + "".join(f"{f:>11}" for f in adaptive.FAMILY_NAMES) + f"{'max bf16':>10}")
+            print(f"  {'schedule':<16}" + "".join(f"{f:>11}" for f in fit.FAMILY_NAMES) + f"{'max bf16':>10}")
             for name in SCHEDULE_NAMES:
                 _, errs, hi = _describe(name, shape, args.steps)
-                print(
-                    f"  {name:<16}" + "".join(f"{_fmt(errs[f]):>11}" for f in adaptive.FAMILY_NAMES) + f"{hi:>10.3f}"
-                )
+                print(f"  {name:<16}" + "".join(f"{_fmt(errs[f]):>11}" for f in fit.FAMILY_NAMES) + f"{hi:>10.3f}")
         print()
     return 0
 
@@ -221,78 +231,98 @@ def _model(args: argparse.Namespace) -> int:
             for r in args.lora_r:
                 for width in key:  # lora_A is (r, in), lora_B is (out, r)
                     shapes.setdefault(shape_key((r, width)), []).append(f"LoRA r={r} of {names[0]}")
-    print(f"model config: {args.config}  ns_steps={args.steps}  cache: {adaptive.cache_dir() or 'off'}")
+    print(f"model config: {args.config}  ns_steps={args.steps}")
     head = "".join(f"{f + ' ours/PE/muon':>27}" for f in _SHOWN)
     print(f"{'shape':>13} {'count':>5}  {'source':<10} {'max':>6}{head}  example")
     total = 0.0
     for key in sorted(shapes):
-        source = adaptive.schedule_source(key, args.steps)
+        source = schedule_source(key, args.steps)
         start = time.perf_counter()
         ours = get_schedule("adaptive", key, args.steps)
         total += time.perf_counter() - start
-        errs = {name: adaptive.schedule_errors(get_schedule(name, key, args.steps), key) for name in _NAMES3}
+        errs = {name: fit.schedule_errors(get_schedule(name, key, args.steps), key) for name in _NAMES3}
         cells = "".join(f"{'/'.join(_fmt(errs[n][f]) for n in _NAMES3):>27}" for f in _SHOWN)
-        hi = adaptive.check_schedule(ours).max_bf16
+        hi = check_schedule(ours).max_bf16
         names = shapes[key]
         example = names[0] + (f" (+{len(names) - 1})" if len(names) > 1 else "")
         print(f"{key[0]:>6}x{key[1]:<6} {len(names):>5}  {source:<10} {hi:>6.3f}{cells}  {example}")
-    print(f"{len(shapes)} shapes resolved in {total:.1f} s (fits are stored in the disk cache for the next run)")
+    print(f"{len(shapes)} shapes resolved in {total:.2f} s (fits are kept in memory, for this process only)")
     return 0
 
 
 _NAMES3 = ("adaptive", "polar-express", "muon")
 
 
-def _table_text(levels: dict[tuple[int, int], tuple[int, ...]]) -> str:
+def table_text(fitted: dict[tuple[int, int], fit.FitResult], command: str) -> str:
+    """The source of `root_hf/schedules/table.py` for fitted schedules.
+
+    Args:
+        fitted: shape key -> fit result (5 steps).
+        command: the command line that generated it, written into the header.
+
+    Returns:
+        Python source defining `TABLE_FITTER_VERSION`, `TABLE_NS_STEPS` and `TABLE` (literal triples).
+    """
     lines = [
-        '"""Shipped adaptive schedules (generated by ``python -m root_hf.coefficients table --write``; do not edit by '
-        'hand)."""',
+        f'"""GENERATED by `{command}`; do not edit by hand.',
         "",
-        "from __future__ import annotations",
+        'The shipped "adaptive" Newton-Schulz schedules: shape key `(min dim, max dim)` -> one literal',
+        "`(a, b, c)` triple per step, for `TABLE_NS_STEPS` steps, fitted by `root_hf.schedules.fit` (version",
+        "`TABLE_FITTER_VERSION`; the table is used only while the fitter has that version). Shapes: every",
+        "matrix of the decoder layers of `MODEL_DIMS` in `root_hf/schedules/__main__.py` (fused QKV and gate-up",
+        f"projections included) and their LoRA factors of ranks {LORA_RANKS}. The comment on each entry gives",
+        "the grid levels of its per-step fit intervals (`root_hf.schedules.fit.schedule_from_levels` rebuilds",
+        "the triples from them).",
+        '"""',
         "",
-        f"TABLE_FITTER_VERSION = {adaptive.FITTER_VERSION}",
-        "TABLE_NS_STEPS = 5",
+        f"TABLE_FITTER_VERSION = {fit.FITTER_VERSION}",
+        f"TABLE_NS_STEPS = {_TABLE_STEPS}",
         "",
-        "# (min dim, max dim) -> grid levels of the per-step fit intervals (root_hf.optim.adaptive._rho_grid); the",
-        "# shapes are root_hf.coefficients.table_shapes(): MODEL_DIMS layers and their LoRA factors (LORA_RANKS).",
-        "TABLE_LEVELS: dict[tuple[int, int], tuple[int, ...]] = {",
+        "TABLE: dict[tuple[int, int], tuple[tuple[float, float, float], ...]] = {",
     ]
-    lines += [f"    {key}: {value}," for key, value in sorted(levels.items())]
+    for key, result in sorted(fitted.items()):
+        lines.append(f"    {key}: (  # levels {result.levels}")
+        lines += [f"        ({a!r}, {b!r}, {c!r})," for a, b, c in result.schedule]
+        lines.append("    ),")
     lines += ["}", ""]
     return "\n".join(lines)
 
 
 def _table(args: argparse.Namespace) -> int:
-    from .optim import schedule_table
-
     keys = table_shapes()
-    fitted: dict[tuple[int, int], tuple[int, ...]] = {}
+    fitted: dict[tuple[int, int], fit.FitResult] = {}
     start = time.perf_counter()
     for key in keys:
-        result = adaptive.fit_schedule(key, 5)
+        result = fit.fit_schedule(key, _TABLE_STEPS)
         if result.source != "fit":
             print(f"{key}: fit refused ({result.source}); fix the fitter before shipping a table", file=sys.stderr)
             return 1
-        fitted[key] = result.levels
+        fitted[key] = result
     took = time.perf_counter() - start
-    print(f"fitted {len(keys)} shapes in {took:.1f} s ({took / max(len(keys), 1):.2f} s per shape)")
-    stale = [k for k in keys if schedule_table.TABLE_LEVELS.get(k) != fitted[k]]
-    extra = sorted(set(schedule_table.TABLE_LEVELS) - set(keys))
-    if args.write:
-        Path(schedule_table.__file__).write_text(_table_text(fitted))
-        print(f"wrote {schedule_table.__file__}")
-        return 0
-    print(
-        f"shipped table: {len(schedule_table.TABLE_LEVELS)} entries, {len(stale)} differ from a fresh fit, "
-        f"{len(extra)} not in table_shapes()"
-    )
-    for key in stale[:20]:
-        print(f"  {key}: shipped {schedule_table.TABLE_LEVELS.get(key)}, fit {fitted[key]}")
-    return 1 if (stale or extra) and args.check else 0
+    print(f"fitted {len(keys)} shapes in {took:.1f} s ({took / max(len(keys), 1):.3f} s per shape)", file=sys.stderr)
+    if args.check:
+        stale = [k for k in keys if table.TABLE.get(k) != fitted[k].schedule]
+        extra = sorted(set(table.TABLE) - set(keys))
+        same_version = table.TABLE_FITTER_VERSION == fit.FITTER_VERSION
+        print(
+            f"shipped table: {len(table.TABLE)} entries, {len(stale)} differ from a fresh fit, "
+            f"{len(extra)} not in table_shapes(), fitter version {'matches' if same_version else 'differs'}"
+        )
+        for key in stale[:20]:
+            print(f"  {key}: shipped {table.TABLE.get(key)}, fit {fitted[key].schedule}")
+        return 1 if stale or extra or not same_version else 0
+    command = "python -m root_hf.schedules table" + (f" --out {args.out}" if args.out != "-" else "")
+    text = table_text(fitted, command)
+    if args.out == "-":
+        sys.stdout.write(text)
+    else:
+        Path(args.out).write_text(text)
+        print(f"wrote {args.out}", file=sys.stderr)
+    return 0
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m root_hf.coefficients", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m root_hf.schedules", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     show = sub.add_parser("show", help="print schedules, bands and predicted errors for shapes like 2048x8192")
     show.add_argument("shapes", nargs="+", help="matrix shapes, e.g. 2048x8192 16x4096")
@@ -304,15 +334,15 @@ def _parser() -> argparse.ArgumentParser:
     model.add_argument("--steps", type=int, default=5, help="Newton-Schulz steps K (default: 5)")
     model.add_argument("--lora-r", type=int, nargs="*", default=[], help="add LoRA factors of these ranks")
     model.add_argument("--no-transformers", action="store_true", help="read config.json keys, not transformers")
-    table = sub.add_parser("table", help="refit the shipped table's shapes; compare with it or rewrite it")
-    mode = table.add_mutually_exclusive_group()
-    mode.add_argument("--write", action="store_true", help="rewrite root_hf/optim/schedule_table.py")
+    table_cmd = sub.add_parser("table", help="refit the table's shapes; write the generated module or check it")
+    mode = table_cmd.add_mutually_exclusive_group()
+    mode.add_argument("--out", default="-", help="file to write the generated module to (default: - for stdout)")
     mode.add_argument("--check", action="store_true", help="exit 1 when the shipped table differs from a refit")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m root_hf.coefficients``; returns the exit status."""
+    """Entry point of `python -m root_hf.schedules`; returns the exit status."""
     parser = _parser()
     args = parser.parse_args(argv)
     if getattr(args, "steps", 5) < 0 or (args.command == "model" and any(r < 1 for r in args.lora_r)):

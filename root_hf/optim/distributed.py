@@ -2,28 +2,31 @@
 
 Newton-Schulz needs whole matrices: orthogonalizing each shard of a sharded matrix on its own is wrong (measured
 relative error 0.43 against the dense result). And under DDP every rank holds the full, identical gradients, so
-repeating every matrix's Newton-Schulz on every rank wastes ``world_size - 1`` of the work. Both cases are solved the
+repeating every matrix's Newton-Schulz on every rank wastes `world_size - 1` of the work. Both cases are solved the
 same way: every matrix gets one *owner* rank (balanced by Newton-Schulz FLOPs); only the owner clips and orthogonalizes
 it; the result is sent back to the ranks that need it.
 
-- DDP (plain tensors, a process group with world size > 1): each rank orthogonalizes the matrices it owns, then one
-  ``all_gather`` gives every rank every result, bitwise identical on all ranks.
-- FSDP2 (``DTensor`` params with a ``Shard(0)`` placement on a 1-D mesh): one ``all_to_all`` sends each row-shard of
-  ``U_t`` to the matrix's owner, which concatenates the shards (so the quantile threshold is the unsharded one), clips
-  and orthogonalizes; a second ``all_to_all`` sends each rank its rows of the result. Uneven shards work.
+- DDP owner split (plain tensors, `process_group="default"` or a `ProcessGroup` of world size > 1; only correct when
+  the gradients are identical on all ranks, as under DDP): each rank orthogonalizes the matrices it owns (owners
+  balanced by Newton-Schulz FLOPs, per expert / block), then one `all_gather` gives every rank every result, bitwise
+  identical on all ranks. `process_group=None` (the default) turns it off.
+- FSDP2 (`DTensor` params with a `Shard(0)` placement on a 1-D mesh): one `all_to_all` sends each row-shard of
+  `U_t` to the matrix's owner, which concatenates the shards (so the quantile threshold is the unsharded one), clips
+  and orthogonalizes; a second `all_to_all` sends each rank its rows of the result. Uneven shards work.
+- FSDP2 with `matrix_view="batched"` tensors (fused experts `(E, out, in)` sharded `Shard(0)` on the expert dim):
+  each rank already holds whole matrices, orthogonalized where they are, without communication.
 
 Everything elementwise (momentum, weight decay, the update) runs on local tensors.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistributedPlan", "assign_owners", "local_tensor", "plan_for", "shape_2d"]
+__all__ = ["DistributedPlan", "assign_owners", "local_tensor", "plan_for"]
 
 
 def _dtensor_type() -> type | None:
@@ -37,7 +40,7 @@ def _dtensor_type() -> type | None:
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
-    """The local shard of a ``DTensor`` (sharing storage, so in-place updates reach the param), else ``t`` itself."""
+    """The local shard of a `DTensor` (sharing storage, so in-place updates reach the param), else `t` itself."""
     dtensor = _dtensor_type()
     if dtensor is not None and isinstance(t, dtensor):
         return t.to_local()
@@ -45,9 +48,9 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
 
 
 def assign_owners(shapes: list[tuple[int, int]], world_size: int) -> list[int]:
-    """Owner rank of each ``(m, n)`` matrix, balancing Newton-Schulz FLOPs (longest-processing-time-first greedy).
+    """Owner rank of each `(m, n)` matrix, balancing Newton-Schulz FLOPs (longest-processing-time-first greedy).
 
-    One NS step on an ``m x n`` matrix costs ``~2 k^2 (2 K + k)`` FLOPs with ``k = min(m, n)``, ``K = max(m, n)``.
+    One NS step on an `m x n` matrix costs `~2 k^2 (2 K + k)` FLOPs with `k = min(m, n)`, `K = max(m, n)`.
     The assignment depends only on the shapes and their order, so every rank computes the same one.
     """
     cost = [2 * min(s) ** 2 * (2 * max(s) + min(s)) for s in shapes]
@@ -64,8 +67,8 @@ class DistributedPlan:
     """How one ROOT step on a list of matrices is spread over ranks.
 
     Attributes:
-        mode: ``"single"``, ``"ddp"`` or ``"fsdp2"``.
-        group: the process group (None for ``"single"``).
+        mode: `"single"`, `"ddp"` or `"fsdp2"`.
+        group: the process group (None for `"single"`).
         rank, world_size: this process's rank and the group size.
     """
 
@@ -106,7 +109,7 @@ class DistributedPlan:
 
     # -- FSDP2: row shards -> owners -> row shards -------------------------------------------------------------------
     def row_counts(self, local_rows: list[int], device: torch.device) -> list[list[int]]:
-        """``counts[r][i]``: rows of matrix ``i`` held by rank ``r`` (exchanged once per step; tiny)."""
+        """`counts[r][i]`: rows of matrix `i` held by rank `r` (exchanged once per step; tiny)."""
         mine = torch.tensor(local_rows, dtype=torch.int64, device=device)
         every = torch.empty(self.world_size * len(local_rows), dtype=torch.int64, device=device)
         dist.all_gather_into_tensor(every, mine, group=self.group)
@@ -115,7 +118,7 @@ class DistributedPlan:
     def gather_to_owners(
         self, local: list[torch.Tensor], widths: list[int], owners: list[int], counts: list[list[int]]
     ) -> dict[int, torch.Tensor]:
-        """Send each local row-shard ``(rows, n)`` to its matrix's owner; return the full matrices this rank owns."""
+        """Send each local row-shard `(rows, n)` to its matrix's owner; return the full matrices this rank owns."""
         mine = [i for i in range(len(local)) if owners[i] == self.rank]
         send_splits = [
             sum(local[i].numel() for i in range(len(local)) if owners[i] == r) for r in range(self.world_size)
@@ -173,7 +176,7 @@ class DistributedPlan:
         return out
 
     def all_true(self, flag: bool, device: torch.device) -> bool:
-        """Logical AND of ``flag`` over the group (so every rank takes the same branch)."""
+        """Logical AND of `flag` over the group (so every rank takes the same branch)."""
         if self.group is None:
             return flag
         t = torch.tensor([0.0 if flag else 1.0], device=device)
@@ -181,9 +184,20 @@ class DistributedPlan:
         return bool(t.item() == 0.0)
 
 
-def plan_for(params: list[torch.Tensor], process_group: Any = "auto") -> DistributedPlan:
-    """Decide how to run a step on ``params``: FSDP2 if they are DTensors, DDP if a process group with more than one
-    rank is given (``"auto"``: the default group when initialized), else single-process."""
+def plan_for(params: list[torch.Tensor], process_group: Any = None) -> DistributedPlan:
+    """Decide how one step on `params` runs: the strategy is a function of the params and `process_group` only.
+
+    Args:
+        params: the ROOT-branch params of the step.
+        process_group: None: no DDP work split; `"default"`: torch.distributed's default group; or a `ProcessGroup`.
+
+    Returns:
+        `"fsdp2"` if the params are `DTensor`s (their mesh's group, whatever `process_group` says); `"ddp"` if
+        `process_group` names a group of more than one rank in an initialized `torch.distributed`; else `"single"`.
+
+    Raises:
+        NotImplementedError: for DTensors on more than one mesh dim or not `Shard(0)`.
+    """
     dtensor = _dtensor_type()
     if dtensor is not None and params and isinstance(params[0], dtensor):
         from torch.distributed.tensor import Shard
@@ -202,12 +216,7 @@ def plan_for(params: list[torch.Tensor], process_group: Any = "auto") -> Distrib
         return DistributedPlan("fsdp2", params[0].device_mesh.get_group())
     if process_group is None or not (dist.is_available() and dist.is_initialized()):
         return DistributedPlan("single")
-    group = None if process_group == "auto" else process_group
+    group = dist.group.WORLD if isinstance(process_group, str) else process_group  # "default"
     if dist.get_world_size(group) <= 1:
         return DistributedPlan("single")
-    return DistributedPlan("ddp", group if group is not None else dist.group.WORLD)
-
-
-def shape_2d(t: torch.Tensor) -> tuple[int, int]:
-    """The 2-D view ``(shape[0], prod(shape[1:]))`` of a (global) weight shape."""
-    return (t.shape[0], math.prod(t.shape[1:]))
+    return DistributedPlan("ddp", group)
