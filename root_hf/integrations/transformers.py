@@ -38,7 +38,7 @@ from ..optim.hyperparams import HYPERPARAMS, Hyperparam, parse_optim_args
 from ..optim.root import ROOT
 from ._registration import OPTIM_NAME, register_root_optimizer
 from .callbacks import RootDiagnosticsCallback, _find_root, add_root_diagnostics
-from .routing import DEFAULT_LORA_POLICY, route_parameters
+from .routing import DEFAULT_FUSED_PROJECTIONS, DEFAULT_LORA_POLICY, DEFAULT_ROUTER_BRANCH, route_parameters
 
 __all__ = [
     "OPTIM_ARGS",
@@ -98,6 +98,8 @@ _EXTRA_KWARGS = (
     "diagnostics_steps",
     "lora_policy",
     "lora_adjust_lr_fn",
+    "router_branch",
+    "fused_projections",
 )
 
 
@@ -287,7 +289,9 @@ def create_root_optimizer(model: nn.Module, args: Any | None = None, **overrides
             `lora_policy` (`"b_only"`, the default, `"both"` or `"none"`: which LoRA factors take the ROOT
             branch) and
             `lora_adjust_lr_fn` (`"inherit"` or an `adjust_lr_fn` value for the LoRA factors); see
-            `docs/guides/peft.md`.
+            `docs/guides/peft.md`; for MoE and fused-projection models `router_branch` (`"adamw"`, the
+            default, or `"root"`) and `fused_projections` (`"split"`, the default, or `"whole"`); see
+            `docs/models.md`.
 
     Returns:
         The optimizer, with `routing_summary` (the logged line) and `diagnostics_steps` attributes.
@@ -323,8 +327,17 @@ def create_root_optimizer(model: nn.Module, args: Any | None = None, **overrides
 
     lora_policy = kwargs.pop("lora_policy", DEFAULT_LORA_POLICY)
     lora_adjust_lr_fn = kwargs.pop("lora_adjust_lr_fn", "inherit")
+    router_branch = kwargs.pop("router_branch", DEFAULT_ROUTER_BRANCH)
+    fused_projections = kwargs.pop("fused_projections", DEFAULT_FUSED_PROJECTIONS)
 
-    routing = route_parameters(model, target_modules, decay_parameter_names=decay_names, lora_policy=lora_policy)
+    routing = route_parameters(
+        model,
+        target_modules,
+        decay_parameter_names=decay_names,
+        lora_policy=lora_policy,
+        router_branch=router_branch,
+        fused_projections=fused_projections,
+    )
     if not routing.params:
         raise ValueError("create_root_optimizer: the model has no trainable parameters (all require_grad=False).")
     groups = routing.param_groups(
@@ -336,7 +349,7 @@ def create_root_optimizer(model: nn.Module, args: Any | None = None, **overrides
     optimizer = ROOT(groups, betas=betas, **kwargs)
     optimizer.routing_summary = routing.summary()  # type: ignore[attr-defined]
     optimizer.diagnostics_steps = diagnostics_steps  # type: ignore[attr-defined]
-    logger.info("ROOT routing: %s", optimizer.routing_summary)  # type: ignore[attr-defined]
+    routing.log_summary(logger)  # WARNING level: visible at a stock script's default verbosity
     return optimizer
 
 

@@ -36,7 +36,9 @@ __all__ = [
     "DEFAULTS",
     "HYPERPARAMS",
     "LORA_ADJUST_LR_FNS",
+    "FUSED_PROJECTIONS",
     "LORA_POLICIES",
+    "ROUTER_BRANCHES",
     "NONFINITE_MODES",
     "Hyperparam",
     "check_process_group",
@@ -50,6 +52,9 @@ NONFINITE_MODES: tuple[str, ...] = ("raise", "skip", "ignore")
 # PEFT LoRA options of the Hugging Face routing (root_hf.integrations.routing applies them).
 LORA_POLICIES: tuple[str, ...] = ("both", "b_only", "none")
 LORA_ADJUST_LR_FNS: tuple[str | None, ...] = ("inherit", *ADJUST_LR_FNS)
+# MoE and fused-projection options of the Hugging Face routing (root_hf.integrations.routing; docs/models.md).
+ROUTER_BRANCHES: tuple[str, ...] = ("adamw", "root")
+FUSED_PROJECTIONS: tuple[str, ...] = ("split", "whole")
 
 _TRUE, _FALSE, _NONE = ("true", "1", "yes", "on"), ("false", "0", "no", "off"), ("none", "null")
 
@@ -398,6 +403,26 @@ HYPERPARAMS: dict[str, Hyperparam] = {
             _text_choice(LORA_ADJUST_LR_FNS),
             f"one of {_names(LORA_ADJUST_LR_FNS)}",
             "scale of the LoRA factors' orthogonalized update (default: inherit adjust_lr_fn)",
+            group=False,
+            constructor=False,
+        ),
+        Hyperparam(
+            "router_branch",
+            "adamw",
+            _choice(ROUTER_BRANCHES),
+            _text_choice(ROUTER_BRANCHES),
+            f"one of {_names(ROUTER_BRANCHES)}",
+            "where MoE router weights go (docs/models.md)",
+            group=False,
+            constructor=False,
+        ),
+        Hyperparam(
+            "fused_projections",
+            "split",
+            _choice(FUSED_PROJECTIONS),
+            _text_choice(FUSED_PROJECTIONS),
+            f"one of {_names(FUSED_PROJECTIONS)}",
+            "orthogonalize each block of a fused projection (split) or the fused tensor as one matrix (whole)",
             group=False,
             constructor=False,
         ),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from torch import nn
@@ -105,6 +107,10 @@ def test_peft_lora_model_trains_with_root_on_lora_factors(make_model):
         (["mlp"], {"gate_proj", "up_proj", "down_proj"}),  # list entries also match as substrings
         (["q_proj", "lm_head"], {"q_proj", "lm_head"}),  # explicit: even the head goes to ROOT
         (["norm", "embed_tokens"], {"embed_tokens"}),  # matched 1-D params stay in AdamW
+        ("mlp", {"gate_proj", "up_proj", "down_proj"}),  # a plain name matches module-name components
+        ("q_proj,v_proj", {"q_proj", "v_proj"}),  # the command-line list form: comma-separated names
+        ("self_attn.o_proj, mlp.down_proj", {"o_proj", "down_proj"}),  # dotted names, spaces ignored
+        (r"model\.layers\.0\..*_proj", set(HIDDEN)),  # a regex string full-matches module names
     ],
 )
 def test_target_modules_override_routes_exactly_the_matching_matrices(make_model, target_modules, expected_root):
@@ -114,10 +120,32 @@ def test_target_modules_override_routes_exactly_the_matching_matrices(make_model
     assert len(routing.params) == len(list(model.parameters()))
 
 
-@pytest.mark.parametrize("bad", [3, ["q_proj", 4], "([unclosed"])
+@pytest.mark.parametrize("bad", [3, ["q_proj", 4], [], "([unclosed"])
 def test_invalid_target_modules_raise_value_error(make_model, bad):
     with pytest.raises(ValueError, match="target_modules"):
         route_parameters(make_model(), bad)
+
+
+@pytest.mark.parametrize("target_modules", ["mlpx", ["attn_out"], r".*\.qproj"])
+def test_target_modules_matching_nothing_is_an_error_naming_the_module_names(make_model, target_modules):
+    with pytest.raises(
+        ValueError, match=r"matched no trainable parameter's module.*model\.layers\.0\.self_attn\.q_proj"
+    ):
+        route_parameters(make_model(), target_modules)
+
+
+def test_routing_summary_is_logged_at_warning_level_and_an_empty_root_branch_warns(make_model, caplog):
+    routing = route_parameters(make_model(), ["norm"])  # matches, but only 1-D parameters: ROOT gets nothing
+    with caplog.at_level(logging.WARNING, logger="root_hf"):
+        routing.log_summary()
+    messages = [(r.levelno, r.getMessage()) for r in caplog.records]
+    assert messages[0] == (logging.WARNING, f"ROOT routing: {routing.summary()}")
+    assert messages[1][0] == logging.WARNING and "the ROOT branch is empty" in messages[1][1]
+    assert "target_modules=['norm']" in messages[1][1]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="root_hf"):
+        route_parameters(make_model()).log_summary()
+    assert len(caplog.records) == 1  # no warning when ROOT has matrices
 
 
 def test_plain_torch_model_is_routed_by_module_type_and_head_name():

@@ -221,6 +221,9 @@ OPTIM_ARGS_CASES = [
     ("lora_adjust_lr_fn=original", "lora", "adjust_lr_fn", "original"),
     ("lora_adjust_lr_fn=none", "lora", "adjust_lr_fn", None),
     ("lora_adjust_lr_fn=inherit,adjust_lr_fn=original", "lora", "adjust_lr_fn", "original"),
+    # on a tiny Qwen3-MoE model (router and fused expert gate_up_proj)
+    ("router_branch=root", "optimizer", "routing_summary", "router_branch='root'"),
+    ("fused_projections=whole", "optimizer", "routing_summary", "split 0 (fused_projections='whole')"),
 ]
 
 
@@ -230,6 +233,14 @@ def test_optim_args_keys_reach_the_optimizer(make_model, make_args, optim_args, 
     if optim_args.startswith("lora_"):
         peft = pytest.importorskip("peft")
         model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    if optim_args.startswith(("router_branch", "fused_projections")):
+        from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+        config = Qwen3MoeConfig(
+            hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+            moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2,
+        )  # fmt: skip
+        model = Qwen3MoeForCausalLM(config)
     optimizer = create_root_optimizer(model, make_args(optim="root", weight_decay=0.1, optim_args=optim_args))
     if where == "optimizer":
         value = getattr(optimizer, key)
