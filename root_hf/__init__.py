@@ -9,12 +9,24 @@
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .integrations._registration import install_import_hook as _install_import_hook
 from .optim import ROOT, RootReference, get_schedule, orthogonalize, schedule_band
 
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:  # the lazy names, for type checkers and the API reference (mkdocstrings reads them statically)
+    from .integrations._registration import register_root_optimizer
+    from .integrations.callbacks import RootDiagnosticsCallback, add_root_diagnostics
+    from .integrations.routing import ParamRouting, route_parameters
+    from .integrations.transformers import (
+        RootOptimizerFactory,
+        RootTrainer,
+        RootTrainerMixin,
+        create_root_optimizer,
+        parse_root_optim_args,
+    )
 
 # Public names that live in modules needing optional dependencies: name -> module, imported on first access.
 _LAZY: dict[str, str] = {
