@@ -102,7 +102,10 @@ def importtime(code: str) -> dict[str, tuple[int, int]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5, help="fresh interpreters per case (default: 5)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: one interpreter per case")
     args = parser.parse_args()
+    if args.quick:
+        args.repeats = 1
     if args.repeats < 1:
         raise ValueError(f"Invalid --repeats: {args.repeats}. Must be >= 1.")
 

@@ -8,7 +8,7 @@ Usage:
     python benchmarks/lora.py --scaling        # update-scale rules for r x d factors on a small pretrained model
     python benchmarks/lora.py --first-step     # how far step 1 (B = 0) moves SmolLM2's q_proj outputs
 
-Task: answer the held-out questions of the English chatterbot corpus (SPEC section 5: ``root_hf.assets``; every
+Task: answer the held-out questions of the English chatterbot corpus (SPEC section 5: `recipes.assets`; every
 held-out question is unseen in training). Prompts are ChatML without a system prompt, the loss is the cross-entropy on
 the answer tokens only, and the score is the token-weighted eval loss on the held-out pairs after the last step.
 
@@ -70,13 +70,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import encode_chat_pair, library_versions, machine_dict
+from benchmarks.harness import RESULTS, encode_chat_pair, library_versions, machine_dict
 from root_hf import ROOT, create_root_optimizer
 from root_hf.optim.coefficients import DEFAULT_SCHEDULE
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results"
-CACHE_VERSION = 1  # bump when a change to this file changes what a cached run means
+CACHE_VERSION = 2  # bump when a change to this file changes what a cached run means (2: the recipe's chat encoding)
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -103,7 +102,7 @@ class Setting:
     max_extra_lrs: int = 2
 
 
-QUICK = Setting(steps=6, batch_size=4, eval_size=16, eval_every=3, lora_layers=2, seeds=(0,), max_extra_lrs=0)
+QUICK = Setting(steps=2, batch_size=2, eval_size=4, eval_every=2, lora_layers=1, seeds=(0,), max_extra_lrs=0)
 
 # name -> how to build the optimizer: "adamw", or keyword arguments of create_root_optimizer.
 # Every setting that differs between configurations is spelled out, so that no run depends on a package default.
@@ -128,7 +127,7 @@ class LoraTask:
     def __init__(self, setting: Setting, cache: Path) -> None:
         from transformers import AutoTokenizer
 
-        from root_hf.assets import load_chatterbot_pairs, smollm2_path, train_eval_split
+        from recipes.assets import load_chatterbot_pairs, smollm2_path, train_eval_split
 
         self.setting = setting
         self.path = smollm2_path()
@@ -553,7 +552,7 @@ class ScalingTask:
     French, Italian, Portuguese and Spanish pairs (held-out questions for eval): cheap enough for a wide lr grid."""
 
     def __init__(self, setting: ScalingSetting, cache: Path) -> None:
-        from root_hf.assets import load_chatterbot_pairs, train_eval_split
+        from recipes.assets import load_chatterbot_pairs, train_eval_split
 
         self.setting = setting
         rows = load_chatterbot_pairs(["french", "italian", "portuguese", "spanish"])
@@ -584,7 +583,7 @@ class ScalingTask:
         return LlamaForCausalLM(config)
 
     def _pretrained(self, cache: Path) -> dict[str, torch.Tensor]:
-        from root_hf.assets import load_chatterbot_pairs
+        from recipes.assets import load_chatterbot_pairs
 
         s = self.setting
         path = cache / f"scaling-base-{hashlib.sha256(json.dumps(asdict(s)).encode()).hexdigest()[:16]}.pt"
@@ -677,7 +676,7 @@ def first_step_study(lrs: tuple[float, ...] = (2e-4, 1e-3)) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from root_hf.assets import load_chatterbot_pairs, smollm2_path
+    from recipes.assets import load_chatterbot_pairs, smollm2_path
 
     path = smollm2_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
