@@ -9,18 +9,18 @@ Usage:
 
 Same model, data order, steps, lr schedule and seeds for every optimizer:
 
-- ``AdamW``: ``torch.optim.AdamW`` on every parameter (betas 0.9/0.95, eps 1e-8).
-- ``Muon``: ROOT with both ROOT features off (``clip_quantile=None, ns_coefficients="muon"``): the same code path as
+- `AdamW`: `torch.optim.AdamW` on every parameter (betas 0.9/0.95, eps 1e-8).
+- `Muon`: ROOT with both ROOT features off (`clip_quantile=None, ns_coefficients="muon"`): the same code path as
   ROOT, so only the clip and the coefficients differ. Non-matrix params go to ROOT's AdamW branch, as for ROOT.
-- ``ROOT-paper``: clip at the 0.90 quantile + the paper's per-shape coefficient table (``"root-paper"``).
-- ``ROOT``: the package defaults (clip 0.90 + the default schedule: ``"adaptive"`` once that schedule exists).
+- `ROOT-paper`: clip at the 0.90 quantile + the paper's per-shape coefficient table (`"root-paper"`).
+- `ROOT`: the package defaults (clip 0.90 + the default schedule: `"adaptive"` once that schedule exists).
 
 Settings: (a) a small Llama-style causal LM trained from scratch on the bytes of the chatterbot corpus (all 28
 languages, held-out questions for eval); (b) LoRA fine-tuning of SmolLM2-135M-Instruct on the English chatterbot
 question/answer pairs (answer tokens only). Each optimizer gets a small lr sweep at the first seed, then every seed at
 its best lr; the robustness variant reruns the best lr with injected gradient outliers and label noise. Ablations
 (setting a) vary one ROOT feature at a time at ROOT's best lr. Every run is cached as JSON under
-``benchmarks/results/`` (keyed by everything that changes its outcome), so an interrupted study resumes where it
+`benchmarks/results/` (keyed by everything that changes its outcome), so an interrupted study resumes where it
 stopped, and two configurations that are the same computation on the model's shapes share one run.
 """
 

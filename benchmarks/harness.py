@@ -71,7 +71,7 @@ def machine_info() -> str:
 
 
 def median_time(fn: Callable[[], object], steps: int, warmup: int = 2) -> float:
-    """Median wall time of ``fn()`` in seconds over ``steps`` calls after ``warmup`` calls."""
+    """Median wall time of `fn()` in seconds over `steps` calls after `warmup` calls."""
     for _ in range(warmup):
         fn()
     times = []
@@ -83,8 +83,8 @@ def median_time(fn: Callable[[], object], steps: int, warmup: int = 2) -> float:
 
 
 def llama_ratio_shapes(hidden: int, head_dim: int = 64) -> dict[str, int]:
-    """Llama-style layer dims for a hidden size: ``intermediate = 64 * round(8 hidden / 3 / 64)``, heads of
-    ``head_dim``, grouped-query KV heads (``heads / 3`` when divisible, as SmolLM2, else ``heads / 4``)."""
+    """Llama-style layer dims for a hidden size: `intermediate = 64 * round(8 hidden / 3 / 64)`, heads of
+    `head_dim`, grouped-query KV heads (`heads / 3` when divisible, as SmolLM2, else `heads / 4`)."""
     heads = max(1, hidden // head_dim)
     kv_heads = heads // 3 if heads % 3 == 0 else max(1, heads // 4)
     intermediate = 64 * round(8 * hidden / 3 / 64)
@@ -92,10 +92,10 @@ def llama_ratio_shapes(hidden: int, head_dim: int = 64) -> dict[str, int]:
 
 
 def ns_flops(shape: tuple[int, int], ns_steps: int = 5) -> int:
-    """Multiply-add FLOPs (2 per MAC) of ``ns_steps`` quintic Newton-Schulz steps on one ``m x n`` matrix.
+    """Multiply-add FLOPs (2 per MAC) of `ns_steps` quintic Newton-Schulz steps on one `m x n` matrix.
 
-    With ``s = min(m, n)`` and ``l = max(m, n)`` each step computes the Gram matrix ``A = X X^T`` (``2 s^2 l``),
-    ``b A + c A^2`` (``2 s^3``) and ``(b A + c A^2) X`` (``2 s^2 l``): ``2 s^2 (2 l + s)`` per step. The
+    With `s = min(m, n)` and `l = max(m, n)` each step computes the Gram matrix `A = X X^T` (`2 s^2 l`),
+    `b A + c A^2` (`2 s^3`) and `(b A + c A^2) X` (`2 s^2 l`): `2 s^2 (2 l + s)` per step. The
     normalization and the elementwise terms are O(s l) and not counted.
     """
     s, long = min(shape), max(shape)
@@ -136,7 +136,7 @@ def machine_dict() -> dict[str, object]:
 
 
 def interleaved_medians(fns: dict[str, Callable[[], object]], steps: int, warmup: int = 2) -> dict[str, float]:
-    """Median wall time (seconds) of each ``fn`` with the calls interleaved round-robin.
+    """Median wall time (seconds) of each `fn` with the calls interleaved round-robin.
 
     On a machine shared with other jobs the load drifts over a benchmark; timing the candidates in turns, instead of
     one after the other, exposes every candidate to the same drift, so their ratios stay meaningful.
@@ -171,12 +171,12 @@ def encode_chat_pair(tokenizer: Any, row: dict[str, str], max_len: int) -> tuple
 
 
 def default_schedule() -> str:
-    """The schedule "ROOT (our defaults)" uses: ``"adaptive"`` once it exists, else the package default."""
+    """The schedule "ROOT (our defaults)" uses: `"adaptive"` once it exists, else the package default."""
     return "adaptive" if "adaptive" in coefficients.SCHEDULE_NAMES else coefficients.DEFAULT_SCHEDULE
 
 
 def optimizer_specs() -> dict[str, dict[str, Any]]:
-    """Main comparison: name -> spec. ``kind`` is ``adamw``, ``root`` (ROOT kwargs follow) or ``torch_muon``."""
+    """Main comparison: name -> spec. `kind` is `adamw`, `root` (ROOT kwargs follow) or `torch_muon`."""
     ours = default_schedule()
     return {
         "AdamW": {"kind": "adamw"},
@@ -532,7 +532,7 @@ def build_optimizers(
 
 
 def lr_factor(setting: Setting) -> Callable[[int], float]:
-    """Linear warm-up over ``warmup_frac`` of the steps, then cosine decay to ``final_lr_frac``."""
+    """Linear warm-up over `warmup_frac` of the steps, then cosine decay to `final_lr_frac`."""
     warmup = max(1, round(setting.warmup_frac * setting.steps))
     decay = max(1, setting.steps - warmup)
 
@@ -551,8 +551,8 @@ def _gen(*parts: int) -> torch.Generator:
 
 
 def noise_for(setting: Setting, variant: str) -> Noise | None:
-    """The noise of a variant: none (``clean``), outliers + label noise (``noisy``), outliers alone (``outliers``),
-    larger and more frequent outliers alone (``heavy-outliers``)."""
+    """The noise of a variant: none (`clean`), outliers + label noise (`noisy`), outliers alone (`outliers`),
+    larger and more frequent outliers alone (`heavy-outliers`)."""
     if variant == "clean":
         return None
     if variant == "noisy":
@@ -565,14 +565,14 @@ def noise_for(setting: Setting, variant: str) -> Noise | None:
 
 
 def inject_label_noise(labels: torch.Tensor, fraction: float, vocab: int, generator: torch.Generator) -> torch.Tensor:
-    """Replace ``fraction`` of the valid targets by uniformly random tokens (same draws for every optimizer)."""
+    """Replace `fraction` of the valid targets by uniformly random tokens (same draws for every optimizer)."""
     flip = (torch.rand(labels.shape, generator=generator) < fraction) & (labels != -100)
     random = torch.randint(0, vocab, labels.shape, generator=generator)
     return torch.where(flip, random, labels)
 
 
 def inject_outliers(matrices: list[torch.Tensor], noise: Noise, generator: torch.Generator) -> None:
-    """Multiply ``outlier_entries`` random entries of each matrix gradient by ``outlier_scale`` (in place)."""
+    """Multiply `outlier_entries` random entries of each matrix gradient by `outlier_scale` (in place)."""
     for p in matrices:
         if p.grad is None:
             continue
@@ -596,7 +596,7 @@ def evaluate(task: Task, model: torch.nn.Module, batches: list[dict[str, torch.T
 def train_run(
     task: Task, spec: dict[str, Any], lr: float, seed: int, noise: Noise | None, log: bool = False
 ) -> dict[str, Any]:
-    """Train once (with ``noise`` injected, if given); return the loss curves, timings and the final clean eval
+    """Train once (with `noise` injected, if given); return the loss curves, timings and the final clean eval
     loss."""
     s = task.setting
     model = task.build(seed)

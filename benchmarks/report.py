@@ -1,6 +1,6 @@
-"""Render the convergence study and the speed/memory figures into ``docs/results.md`` and ``docs/img/*.png``.
+"""Render the convergence study and the speed/memory figures into `docs/results.md` and `docs/img/*.png`.
 
-Called by ``benchmarks/convergence.py`` (which runs or loads the runs first); everything here reads cached results
+Called by `benchmarks/convergence.py` (which runs or loads the runs first); everything here reads cached results
 only. Verdicts are computed, not written by hand: a difference between two optimizers is called a win or a loss only
 when it exceeds the larger of their two seed-to-seed standard deviations, else "within the seed spread".
 """
@@ -56,7 +56,7 @@ def fmt(mean: float, std: float, n: int, digits: int = 3) -> str:
 
 
 def verdict(a: tuple[float, float, int], b: tuple[float, float, int]) -> tuple[float, str]:
-    """Difference ``a - b`` of mean final losses and a word: lower / higher / within the seed spread."""
+    """Difference `a - b` of mean final losses and a word: lower / higher / within the seed spread."""
     diff = a[0] - b[0]
     if not math.isfinite(diff):
         return diff, "not comparable (a run diverged)"
@@ -92,7 +92,7 @@ def best_lrs(study: Any, names: tuple[str, ...]) -> dict[str, float]:
 
 
 def load_cached(study: Any, names: tuple[str, ...]) -> None:
-    """Fill ``study.runs`` from the cache without running anything (for --report-only)."""
+    """Fill `study.runs` from the cache without running anything (for --report-only)."""
     from benchmarks.harness import ABLATION_GROUPS, ablation_specs, optimizer_specs
 
     s = study.setting
@@ -614,7 +614,7 @@ def _where_time_goes(b: dict[str, Any]) -> list[str]:
 
 
 def render(studies: dict[str, Any], names: tuple[str, ...], docs: Path, speed_json: Path | None, args: Any) -> Path:
-    """Write ``docs/results.md`` (+ ``docs/img``) from whatever is cached; return the page's path."""
+    """Write `docs/results.md` (+ `docs/img`) from whatever is cached; return the page's path."""
     from benchmarks.harness import default_schedule, library_versions, machine_dict
 
     img_dir = docs / "img"
