@@ -100,9 +100,21 @@ class Setting:
     seeds: tuple[int, ...] = (0, 1, 2, 3)
     lr_grid: tuple[float, ...] = (1e-3, 3e-3)  # first points; extended on the 1-3-10 grid while the best is at an edge
     max_extra_lrs: int = 2
+    max_train: int | None = None  # keep only the first N training pairs (None: all); --quick uses 8
 
 
-QUICK = Setting(steps=2, batch_size=2, eval_size=4, eval_every=2, lora_layers=1, seeds=(0,), max_extra_lrs=0)
+# --quick: a smoke run (the frozen layers' outputs of 8 + 4 pairs are computed once), not a result.
+QUICK = Setting(
+    steps=2,
+    batch_size=2,
+    eval_size=4,
+    eval_every=2,
+    lora_layers=1,
+    seeds=(0,),
+    lr_grid=(3e-3,),
+    max_extra_lrs=0,
+    max_train=8,
+)
 
 # name -> how to build the optimizer: "adamw", or keyword arguments of create_root_optimizer.
 # Every setting that differs between configurations is spelled out, so that no run depends on a package default.
@@ -133,7 +145,7 @@ class LoraTask:
         self.path = smollm2_path()
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
         train, held = train_eval_split(load_chatterbot_pairs(), eval_size=setting.eval_size, seed=0)
-        self.train = [self._encode(r) for r in train]
+        self.train = [self._encode(r) for r in train[: setting.max_train]]
         self.held = [self._encode(r) for r in held]
         base = self._base_model()
         self.num_layers = len(base.model.layers)
