@@ -1,15 +1,15 @@
-"""How much ``import root_hf`` costs, with and without the Hugging Face stack (a benchmark, not a test).
+"""How much `import root_hf` costs, with and without the Hugging Face stack (a benchmark, not a test).
 
-``import root_hf`` must stay light for users of the bare optimizer (torch only), and registering ``optim="root"``
-with ``transformers`` must cost next to nothing. Each figure is the median wall time of fresh interpreters:
+`import root_hf` must stay light for users of the bare optimizer (torch only), and registering `optim="root"`
+with `transformers` must cost next to nothing. Each figure is the median wall time of fresh interpreters:
 
-- ``torch``: ``import torch`` alone (the floor: root_hf needs torch);
-- ``torch + root_hf``: ``import torch, root_hf`` (root_hf's own cost is the difference);
-- ``transformers stack``: ``from transformers import TrainingArguments, Trainer``;
-- ``root_hf, then stack``: ``import root_hf`` first, so registration runs through the import hook;
-- ``stack, then root_hf``: ``transformers`` first, so ``import root_hf`` registers at once.
+- `torch`: `import torch` alone (the floor: root_hf needs torch);
+- `torch + root_hf`: `import torch, root_hf` (root_hf's own cost is the difference);
+- `transformers stack`: `from transformers import TrainingArguments, Trainer`;
+- `root_hf, then stack`: `import root_hf` first, so registration runs through the import hook;
+- `stack, then root_hf`: `transformers` first, so `import root_hf` registers at once.
 
-It also prints ``python -X importtime``'s cumulative figure for root_hf (which includes torch) and root_hf's self time.
+It also prints `python -X importtime`'s cumulative figure for root_hf (which includes torch) and root_hf's self time.
 
 Usage::
 
@@ -75,7 +75,7 @@ def _env() -> dict[str, str]:
 
 
 def wall_time(code: str) -> float:
-    """Seconds that ``code`` takes in a fresh interpreter (interpreter start-up excluded)."""
+    """Seconds that `code` takes in a fresh interpreter (interpreter start-up excluded)."""
     out = subprocess.run(
         [sys.executable, "-c", _TIMER.format(code=code)], env=_env(), capture_output=True, text=True, check=True
     )
@@ -83,7 +83,7 @@ def wall_time(code: str) -> float:
 
 
 def importtime(code: str) -> dict[str, tuple[int, int]]:
-    """``python -X importtime -c code``: {module name: (self us, cumulative us)}."""
+    """`python -X importtime -c code`: {module name: (self us, cumulative us)}."""
     out = subprocess.run(
         [sys.executable, "-X", "importtime", "-c", code],
         env=_env(),
@@ -102,7 +102,10 @@ def importtime(code: str) -> dict[str, tuple[int, int]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5, help="fresh interpreters per case (default: 5)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: one interpreter per case")
     args = parser.parse_args()
+    if args.quick:
+        args.repeats = 1
     if args.repeats < 1:
         raise ValueError(f"Invalid --repeats: {args.repeats}. Must be >= 1.")
 

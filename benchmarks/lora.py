@@ -8,43 +8,43 @@ Usage:
     python benchmarks/lora.py --scaling        # update-scale rules for r x d factors on a small pretrained model
     python benchmarks/lora.py --first-step     # how far step 1 (B = 0) moves SmolLM2's q_proj outputs
 
-Task: answer the held-out questions of the English chatterbot corpus (SPEC section 5: ``root_hf.assets``; every
+Task: answer the held-out questions of the English chatterbot corpus (SPEC section 5: `recipes.assets`; every
 held-out question is unseen in training). Prompts are ChatML without a system prompt, the loss is the cross-entropy on
 the answer tokens only, and the score is the token-weighted eval loss on the held-out pairs after the last step.
 
 Every configuration trains the same LoRA adapters (r = 8, alpha = 16, no dropout, all seven projections q, k, v, o,
 gate, up, down) from the same initialization, on the same batches in the same order, with the same schedule (linear
 warm-up over the first 10% of steps, then cosine decay to 0), weight decay 0 (PEFT's usual recipe) and AdamW betas
-(0.9, 0.999) (``TrainingArguments``' defaults) wherever AdamW is used:
+(0.9, 0.999) (`TrainingArguments`' defaults) wherever AdamW is used:
 
-- ``AdamW``: ``torch.optim.AdamW`` on every LoRA factor.
-- ``Muon-style``: ROOT with both of ROOT's features off (``clip_quantile=None, ns_coefficients="muon"``), i.e.
-  ``torch.optim.Muon``'s fixed Newton-Schulz polynomial and no clip, through the same code path and the same
+- `AdamW`: `torch.optim.AdamW` on every LoRA factor.
+- `Muon-style`: ROOT with both of ROOT's features off (`clip_quantile=None, ns_coefficients="muon"`), i.e.
+  `torch.optim.Muon`'s fixed Newton-Schulz polynomial and no clip, through the same code path and the same
   matched-RMS update scale as ROOT, so that only the clip and the coefficients differ. Both factors on the ROOT branch.
-- ``ROOT both``: ``create_root_optimizer(model, lr=..., lora_policy="both")``, otherwise the package defaults.
-- ``ROOT b_only``: ``lora_policy="b_only"`` (the package default, chosen from this study): ``lora_B``
-  orthogonalized, ``lora_A`` on ROOT's AdamW branch.
-- ``ROOT both, original``: as ``ROOT both`` with ``lora_adjust_lr_fn="original"`` (Keller Jordan's
-  ``sqrt(max(1, m/n))``: ``lora_B`` (out x r) gets ``sqrt(out/r)``, ``lora_A`` (r x in) gets 1): the alternative
-  update scale for r x d factors, against the default matched-RMS ``0.2 sqrt(max(m, n))``.
+- `ROOT both`: `create_root_optimizer(model, lr=..., lora_policy="both")`, otherwise the package defaults.
+- `ROOT b_only`: `lora_policy="b_only"` (the package default, chosen from this study): `lora_B`
+  orthogonalized, `lora_A` on ROOT's AdamW branch.
+- `ROOT both, original`: as `ROOT both` with `lora_adjust_lr_fn="original"` (Keller Jordan's
+  `sqrt(max(1, m/n))`: `lora_B` (out x r) gets `sqrt(out/r)`, `lora_A` (r x in) gets 1): the alternative
+  update scale for r x d factors, against the default matched-RMS `0.2 sqrt(max(m, n))`.
 
 Each configuration gets a learning-rate sweep at seed 0 (a 3x grid, extended while the best lr sits at its edge), then
 its best lr at every seed; the table reports the mean over seeds.
 
-Affordable on 2 CPU cores: the adapters sit in the top ``lora_layers`` decoder layers only (PEFT's
-``layers_to_transform``). The layers below are frozen and adapter-free, so their output for an example never changes:
+Affordable on 2 CPU cores: the adapters sit in the top `lora_layers` decoder layers only (PEFT's
+`layers_to_transform`). The layers below are frozen and adapter-free, so their output for an example never changes:
 it is computed once per example and cached on disk, and every training step runs only the top layers (forward and
 backward) and the LM head on the answer positions. This is exactly the computation of an ordinary PEFT run with the
-same ``layers_to_transform`` (the script checks the loss of the full model against the cached path before training).
+same `layers_to_transform` (the script checks the loss of the full model against the cached path before training).
 
-Runs are cached as JSON under ``benchmarks/results/lora/`` (git-ignored), keyed by everything that changes their
+Runs are cached as JSON under `benchmarks/results/lora/` (git-ignored), keyed by everything that changes their
 outcome, so an interrupted study resumes where it stopped.
 
 Cost on the project's 2-core CPU: about 0.17 s per training step when the machine is otherwise idle (several times
 more while other jobs share it), so about 25 s per run of 120 steps including its evaluations; 7 runs per configuration
-(4 learning rates, then 3 more seeds), about 15 minutes for the five configurations of ``--configs all``. Caching the
-frozen layers' outputs costs a full forward pass over the ~900 pairs once. ``--steps 40`` gives the short-budget
-variant quoted in ``docs/guides/peft.md`` (its plot goes under ``benchmarks/results/lora/``).
+(4 learning rates, then 3 more seeds), about 15 minutes for the five configurations of `--configs all`. Caching the
+frozen layers' outputs costs a full forward pass over the ~900 pairs once. `--steps 40` gives the short-budget
+variant quoted in `docs/guides/peft.md` (its plot goes under `benchmarks/results/lora/`).
 """
 
 from __future__ import annotations
@@ -70,13 +70,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import encode_chat_pair, library_versions, machine_dict
+from benchmarks.harness import RESULTS, encode_chat_pair, library_versions, machine_dict
 from root_hf import ROOT, create_root_optimizer
 from root_hf.schedules import DEFAULT_SCHEDULE
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results"
-CACHE_VERSION = 1  # bump when a change to this file changes what a cached run means
+CACHE_VERSION = 2  # bump when a change to this file changes what a cached run means (2: the recipe's chat encoding)
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -101,9 +100,21 @@ class Setting:
     seeds: tuple[int, ...] = (0, 1, 2, 3)
     lr_grid: tuple[float, ...] = (1e-3, 3e-3)  # first points; extended on the 1-3-10 grid while the best is at an edge
     max_extra_lrs: int = 2
+    max_train: int | None = None  # keep only the first N training pairs (None: all); --quick uses 8
 
 
-QUICK = Setting(steps=6, batch_size=4, eval_size=16, eval_every=3, lora_layers=2, seeds=(0,), max_extra_lrs=0)
+# --quick: a smoke run (the frozen layers' outputs of 8 + 4 pairs are computed once), not a result.
+QUICK = Setting(
+    steps=2,
+    batch_size=2,
+    eval_size=4,
+    eval_every=2,
+    lora_layers=1,
+    seeds=(0,),
+    lr_grid=(3e-3,),
+    max_extra_lrs=0,
+    max_train=8,
+)
 
 # name -> how to build the optimizer: "adamw", or keyword arguments of create_root_optimizer.
 # Every setting that differs between configurations is spelled out, so that no run depends on a package default.
@@ -123,18 +134,18 @@ DEFAULT_CONFIGS = ("AdamW", "Muon-style", "ROOT both", "ROOT b_only")
 
 
 class LoraTask:
-    """SmolLM2-135M-Instruct + chatterbot; runs the top ``lora_layers`` layers on cached inputs."""
+    """SmolLM2-135M-Instruct + chatterbot; runs the top `lora_layers` layers on cached inputs."""
 
     def __init__(self, setting: Setting, cache: Path) -> None:
         from transformers import AutoTokenizer
 
-        from root_hf.assets import load_chatterbot_pairs, smollm2_path, train_eval_split
+        from recipes.assets import load_chatterbot_pairs, smollm2_path, train_eval_split
 
         self.setting = setting
         self.path = smollm2_path()
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
         train, held = train_eval_split(load_chatterbot_pairs(), eval_size=setting.eval_size, seed=0)
-        self.train = [self._encode(r) for r in train]
+        self.train = [self._encode(r) for r in train[: setting.max_train]]
         self.held = [self._encode(r) for r in held]
         base = self._base_model()
         self.num_layers = len(base.model.layers)
@@ -158,9 +169,9 @@ class LoraTask:
     def _cached_hidden(
         self, base: torch.nn.Module, examples: list[tuple[list[int], list[int]]], cache: Path, split: str
     ) -> list[torch.Tensor]:
-        """Input of layer ``first`` for every example (its own length; causal attention and right padding make it
-        independent of the batch), computed once and stored under ``cache``; from the cached input of a lower layer
-        when there is one (another ``lora_layers``), else from the embeddings."""
+        """Input of layer `first` for every example (its own length; causal attention and right padding make it
+        independent of the batch), computed once and stored under `cache`; from the cached input of a lower layer
+        when there is one (another `lora_layers`), else from the embeddings."""
 
         def file(layer: int) -> Path:
             digest = hashlib.sha256(json.dumps([examples, layer, str(self.path)]).encode()).hexdigest()[:16]
@@ -211,7 +222,7 @@ class LoraTask:
         return full, cached
 
     def build(self, seed: int) -> torch.nn.Module:
-        """The PEFT model with fresh adapters (initialized from ``seed``), cut to its top layers."""
+        """The PEFT model with fresh adapters (initialized from `seed`), cut to its top layers."""
         from peft import LoraConfig, get_peft_model
 
         s = self.setting
@@ -310,7 +321,7 @@ def build_optimizer(spec: dict[str, Any], model: torch.nn.Module, lr: float) -> 
 
 
 def lr_factor(setting: Setting) -> Callable[[int], float]:
-    """Linear warm-up from lr / warmup over ``warmup_fraction`` of the steps, then cosine decay to 0."""
+    """Linear warm-up from lr / warmup over `warmup_fraction` of the steps, then cosine decay to 0."""
     warmup = max(1, round(setting.warmup_fraction * setting.steps))
 
     def factor(i: int) -> float:  # i = optimizer steps taken so far
@@ -424,13 +435,13 @@ class Study:
 
 
 def _grid_step(lr: float, up: bool) -> float:
-    """The next learning rate of the 1-3-10 grid (..., 1e-3, 3e-3, 1e-2, ...) above or below ``lr``."""
+    """The next learning rate of the 1-3-10 grid (..., 1e-3, 3e-3, 1e-2, ...) above or below `lr`."""
     grid = [m * 10.0**e for e in range(-7, 2) for m in (1, 3)]
     return float(f"{(min(g for g in grid if g > lr * 1.01) if up else max(g for g in grid if g < lr / 1.01)):.3g}")
 
 
 def _paired(entry: dict[str, Any], other: dict[str, Any] | None) -> str:
-    """Mean (min..max) over seeds of this configuration's final eval loss minus ``other``'s at the same seed (same
+    """Mean (min..max) over seeds of this configuration's final eval loss minus `other`'s at the same seed (same
     adapter initialization and batch order): the seed-to-seed spread of both largely cancels."""
     if other is None:
         return "-"
@@ -553,7 +564,7 @@ class ScalingTask:
     French, Italian, Portuguese and Spanish pairs (held-out questions for eval): cheap enough for a wide lr grid."""
 
     def __init__(self, setting: ScalingSetting, cache: Path) -> None:
-        from root_hf.assets import load_chatterbot_pairs, train_eval_split
+        from recipes.assets import load_chatterbot_pairs, train_eval_split
 
         self.setting = setting
         rows = load_chatterbot_pairs(["french", "italian", "portuguese", "spanish"])
@@ -584,7 +595,7 @@ class ScalingTask:
         return LlamaForCausalLM(config)
 
     def _pretrained(self, cache: Path) -> dict[str, torch.Tensor]:
-        from root_hf.assets import load_chatterbot_pairs
+        from recipes.assets import load_chatterbot_pairs
 
         s = self.setting
         path = cache / f"scaling-base-{hashlib.sha256(json.dumps(asdict(s)).encode()).hexdigest()[:16]}.pt"
@@ -607,7 +618,7 @@ class ScalingTask:
         return model.state_dict()
 
     def run(self, rule: str | None, lr: float, seed: int = 0) -> float:
-        """Final held-out loss of LoRA (all 7 projections) trained with AdamW (rule None) or ROOT under ``rule``."""
+        """Final held-out loss of LoRA (all 7 projections) trained with AdamW (rule None) or ROOT under `rule`."""
         from peft import LoraConfig, get_peft_model
 
         s = self.setting
@@ -677,7 +688,7 @@ def first_step_study(lrs: tuple[float, ...] = (2e-4, 1e-3)) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from root_hf.assets import load_chatterbot_pairs, smollm2_path
+    from recipes.assets import load_chatterbot_pairs, smollm2_path
 
     path = smollm2_path()
     tokenizer = AutoTokenizer.from_pretrained(path)

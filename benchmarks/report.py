@@ -1,12 +1,13 @@
-"""Render the convergence study and the speed/memory figures into ``docs/results.md`` and ``docs/img/*.png``.
+"""Render the convergence study and the speed/memory figures into `docs/results.md` and `docs/img/*.png`.
 
-Called by ``benchmarks/convergence.py`` (which runs or loads the runs first); everything here reads cached results
+Called by `benchmarks/convergence.py` (which runs or loads the runs first); everything here reads cached results
 only. Verdicts are computed, not written by hand: a difference between two optimizers is called a win or a loss only
 when it exceeds the larger of their two seed-to-seed standard deviations, else "within the seed spread".
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import statistics
@@ -55,7 +56,7 @@ def fmt(mean: float, std: float, n: int, digits: int = 3) -> str:
 
 
 def verdict(a: tuple[float, float, int], b: tuple[float, float, int]) -> tuple[float, str]:
-    """Difference ``a - b`` of mean final losses and a word: lower / higher / within the seed spread."""
+    """Difference `a - b` of mean final losses and a word: lower / higher / within the seed spread."""
     diff = a[0] - b[0]
     if not math.isfinite(diff):
         return diff, "not comparable (a run diverged)"
@@ -91,8 +92,8 @@ def best_lrs(study: Any, names: tuple[str, ...]) -> dict[str, float]:
 
 
 def load_cached(study: Any, names: tuple[str, ...]) -> None:
-    """Fill ``study.runs`` from the cache without running anything (for --report-only)."""
-    from benchmarks.convergence import ABLATION_GROUPS, ablation_specs, optimizer_specs
+    """Fill `study.runs` from the cache without running anything (for --report-only)."""
+    from benchmarks.harness import ABLATION_GROUPS, ablation_specs, optimizer_specs
 
     s = study.setting
     specs = optimizer_specs()
@@ -230,7 +231,7 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 def _shape_notes(study: Any) -> list[str]:
     """Which coefficients each named schedule gives on this model's matrix shapes."""
-    from benchmarks.convergence import default_schedule
+    from benchmarks.harness import default_schedule
 
     shapes = sorted(set(study.shapes()))
     muon = (coefficients.MUON_COEFFICIENTS,) * 5
@@ -246,7 +247,7 @@ def _shape_notes(study: Any) -> list[str]:
 
 
 def _identical(study: Any, names: list[str], specs: dict[str, dict[str, Any]]) -> list[str]:
-    from benchmarks.convergence import behavior
+    from benchmarks.harness import behavior
 
     shapes = study.shapes()
     groups: dict[str, list[str]] = {}
@@ -257,7 +258,7 @@ def _identical(study: Any, names: list[str], specs: dict[str, dict[str, Any]]) -
 
 
 def setting_section(study: Any, names: tuple[str, ...], img_dir: Path, img_prefix: str) -> tuple[list[str], dict]:
-    from benchmarks.convergence import ABLATION_GROUPS, ablation_specs, noise_for, optimizer_specs
+    from benchmarks.harness import ABLATION_GROUPS, ablation_specs, noise_for, optimizer_specs
 
     s = study.setting
     specs = optimizer_specs()
@@ -613,9 +614,8 @@ def _where_time_goes(b: dict[str, Any]) -> list[str]:
 
 
 def render(studies: dict[str, Any], names: tuple[str, ...], docs: Path, speed_json: Path | None, args: Any) -> Path:
-    """Write ``docs/results.md`` (+ ``docs/img``) from whatever is cached; return the page's path."""
-    from benchmarks.common import library_versions, machine_dict
-    from benchmarks.convergence import default_schedule
+    """Write `docs/results.md` (+ `docs/img`) from whatever is cached; return the page's path."""
+    from benchmarks.harness import default_schedule, library_versions, machine_dict
 
     img_dir = docs / "img"
     img_dir.mkdir(parents=True, exist_ok=True)
@@ -806,5 +806,26 @@ def summary_text(studies: dict[str, Any], names: tuple[str, ...]) -> str:
     return "\n".join(lines)
 
 
+def main(argv: list[str] | None = None) -> None:
+    """Re-render the page from the cached runs only (`convergence.py --report-only` does the same)."""
+    import argparse
+
+    from benchmarks.harness import MAIN_OPTIMIZERS, QUICK, REPO, RESULTS, SETTINGS, Study
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="render the --quick runs (results/quick, no docs/)")
+    args = parser.parse_args(argv)
+    results = RESULTS / "quick" if args.quick else RESULTS
+    docs = results / "docs" if args.quick else REPO / "docs"
+    settings = {k: dataclasses.replace(v, **QUICK[k]) for k, v in SETTINGS.items()} if args.quick else SETTINGS
+    studies = {k: Study(s, results, 1, False) for k, s in settings.items() if (results / k).is_dir()}
+    if not studies:
+        sys.exit(f"No cached runs under {results}: run `python benchmarks/convergence.py{' --quick' * args.quick}`.")
+    speed_json = results / "step_time.json"
+    print(f"wrote {render(studies, MAIN_OPTIMIZERS, docs, speed_json if speed_json.exists() else None, args)}")
+    print(summary_text(studies, MAIN_OPTIMIZERS))
+
+
 if __name__ == "__main__":
-    sys.exit("run benchmarks/convergence.py (it calls this module)")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    main()

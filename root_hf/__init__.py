@@ -1,21 +1,33 @@
 """root_hf: the ROOT optimizer (Robust Orthogonalized Optimizer, arXiv 2511.20626) for PyTorch and Hugging Face.
 
-``import root_hf`` needs only torch: the Hugging Face pieces listed in ``_LAZY`` load on first access. It also makes
-``optim="root"`` available to ``transformers.TrainingArguments``, whether ``transformers`` is imported before or after
-root_hf: at once if it is already imported, else when it is (a cheap ``sys.meta_path`` hook; see
-:mod:`root_hf.integrations._registration`).
+`import root_hf` needs only torch: the Hugging Face pieces listed in `_LAZY` load on first access (they need
+`pip install "root-hf[hf]"`). It also makes `optim="root"` available to `transformers.TrainingArguments`, whether
+`transformers` is imported before or after root_hf: at once if it is already imported, else when it is (a cheap
+`sys.meta_path` hook; see `root_hf.integrations._registration`).
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .integrations._registration import install_import_hook as _install_import_hook
 from .optim import ROOT, RootReference, orthogonalize
 from .schedules import get_schedule, schedule_band
 
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:  # the lazy names, for type checkers and the API reference (mkdocstrings reads them statically)
+    from .integrations._registration import register_root_optimizer
+    from .integrations.callbacks import RootDiagnosticsCallback, add_root_diagnostics
+    from .integrations.routing import ParamRouting, route_parameters
+    from .integrations.transformers import (
+        RootOptimizerFactory,
+        RootTrainer,
+        RootTrainerMixin,
+        create_root_optimizer,
+        parse_root_optim_args,
+    )
 
 # Public names that live in modules needing optional dependencies: name -> module, imported on first access.
 _LAZY: dict[str, str] = {
@@ -58,7 +70,15 @@ def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'root_hf' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
+    try:
+        value = getattr(importlib.import_module(module), name)
+    except ModuleNotFoundError as exc:
+        if exc.name is None or exc.name.split(".")[0] == "root_hf":
+            raise
+        raise ImportError(
+            f"root_hf.{name} needs the Hugging Face stack, but {exc.name!r} is not installed. Install it with: "
+            'pip install "root-hf[hf]"'
+        ) from exc
     globals()[name] = value
     return value
 

