@@ -45,7 +45,7 @@ from benchmarks.harness import (
     SETTINGS,
     Setting,
     Study,
-    coefficients,
+    schedules,
     default_schedule,
     library_versions,
     machine_dict,
@@ -115,7 +115,7 @@ def main() -> None:
 
     print(f"machine: {machine_dict()}")
     print(f"versions: {library_versions()}")
-    print(f"ROOT (our defaults) uses ns_coefficients={default_schedule()!r}; schedules: {coefficients.SCHEDULE_NAMES}")
+    print(f"ROOT (our defaults) uses ns_coefficients={default_schedule()!r}; schedules: {schedules.SCHEDULE_NAMES}")
     start = time.perf_counter()
     studies = {}
     for key in chosen:

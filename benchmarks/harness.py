@@ -34,7 +34,7 @@ if str(REPO) not in sys.path:  # `python benchmarks/x.py` puts benchmarks/, not 
     sys.path.insert(0, str(REPO))
 
 from root_hf import ROOT, get_schedule  # noqa: E402
-from root_hf.optim import coefficients  # noqa: E402
+from root_hf import schedules  # noqa: E402
 
 # Run cache and outputs; $BENCHMARKS_RESULTS moves them (the --quick smoke tests write to a temporary folder).
 RESULTS = Path(os.environ.get("BENCHMARKS_RESULTS") or Path(__file__).resolve().parent / "results")
@@ -172,7 +172,7 @@ def encode_chat_pair(tokenizer: Any, row: dict[str, str], max_len: int) -> tuple
 
 def default_schedule() -> str:
     """The schedule "ROOT (our defaults)" uses: `"adaptive"` once it exists, else the package default."""
-    return "adaptive" if "adaptive" in coefficients.SCHEDULE_NAMES else coefficients.DEFAULT_SCHEDULE
+    return "adaptive" if "adaptive" in schedules.SCHEDULE_NAMES else schedules.DEFAULT_SCHEDULE
 
 
 def optimizer_specs() -> dict[str, dict[str, Any]]:
@@ -201,7 +201,7 @@ def ablation_specs() -> dict[str, dict[str, Any]]:
         "paper coefficients": {"kind": "root", "clip_quantile": 0.90, "ns_coefficients": "root-paper"},
     }
     for name in ("adaptive", "polar-express"):
-        if name in coefficients.SCHEDULE_NAMES:
+        if name in schedules.SCHEDULE_NAMES:
             specs[f"{name} coefficients"] = {"kind": "root", "clip_quantile": 0.90, "ns_coefficients": name}
     for q in (0.80, 0.95, 0.99):
         specs[f"clip q={q:.2f}"] = {"kind": "root", "clip_quantile": q, "ns_coefficients": ours}
@@ -673,7 +673,7 @@ def behavior(spec: dict[str, Any], shapes: list[tuple[int, int]]) -> dict[str, A
     if spec["kind"] != "root":
         return {"kind": spec["kind"]}
     out = {k: v for k, v in spec.items() if k != "ns_coefficients"}
-    coef = spec.get("ns_coefficients", coefficients.DEFAULT_SCHEDULE)
+    coef = spec.get("ns_coefficients", schedules.DEFAULT_SCHEDULE)
     out["schedules"] = {f"{m}x{n}": get_schedule(coef, (m, n), 5) for m, n in sorted(set(shapes))}
     return out
 

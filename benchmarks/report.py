@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from root_hf import schedules as coefficients
+from root_hf import schedules as coefficients  # the old module name, kept for this file's readers
 
 VARIANT_TITLES = {
     "clean": "clean",
