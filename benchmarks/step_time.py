@@ -563,10 +563,10 @@ def peer_builders(
         cls = peers["Emerging-Optimizers Muon"]
         # fp32_matmul_prec "medium": its NS casts to bf16; "highest": NS in fp32
         prec = "medium" if ns == "bf16" else "highest"
-        out["Emerging-Optimizers Muon"] = lambda: cls(params, lr=1e-3, nesterov=True, fp32_matmul_prec=prec)
+        out["Emerging-Optimizers Muon"] = lambda cls=cls: cls(params, lr=1e-3, nesterov=True, fp32_matmul_prec=prec)
     if ns == "bf16" and "heavyball Muon" in peers:
         cls = peers["heavyball Muon"]
-        out["heavyball Muon"] = lambda: cls(params, lr=1e-3)
+        out["heavyball Muon"] = lambda cls=cls: cls(params, lr=1e-3)
     out[ADAMW] = lambda: torch.optim.AdamW(params, lr=1e-3, foreach=True)
     return out
 
