@@ -938,13 +938,6 @@ def run_e2e(rounds: int, device: str) -> dict[str, Any]:
         "ROOT (default ns_dtype)": lambda m: [
             ROOT([{"params": split(m)[0], "use_root": True}, {"params": split(m)[1], "use_root": False}], lr=1e-5)
         ],
-        "ROOT (fp32 NS)": lambda m: [
-            ROOT(
-                [{"params": split(m)[0], "use_root": True}, {"params": split(m)[1], "use_root": False}],
-                lr=1e-5,
-                ns_dtype="float32",
-            )
-        ],
     }
     models = {name: copy.deepcopy(base) for name in builds}
     opts = {name: build(models[name]) for name, build in builds.items()}
