@@ -75,6 +75,7 @@ SWEEP_HIDDEN = (256, 576, 1024, 2048)
 PEAK_SIZES = (2048, 3072, 4096)  # square matmuls timed for the machine's peak; the fastest counts
 CUDA_PEAK_SIZES = (4096, 8192)  # an H200 reaches its bf16 peak (about 790 TFLOP/s) only on large products
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "step_time.json"
+DEFAULT_PLOT = Path(__file__).resolve().parents[1] / "docs" / "img" / "step_time_peers.png"
 
 
 def make_params(
@@ -907,7 +908,7 @@ def _smollm2_model() -> tuple[Any, str]:
         try:
             loader = __import__(module, fromlist=["smollm2_path"]).smollm2_path
             path = loader(progress=False) if "progress" in loader.__code__.co_varnames else loader()
-            return AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32), f"{module}.smollm2_path()"
+            return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), f"{module}.smollm2_path()"
         except Exception:  # absent module, asset or dependency: try the next
             continue
     return LlamaForCausalLM(smollm2_config()), "random init from SmolLM2-135M's config (asset not available)"
@@ -1036,6 +1037,40 @@ def collect(
     return result
 
 
+def plot_peers(paths: list[Path], out: Path) -> None:
+    """Bar chart of the peers section of one or more saved runs (one panel per shape set and NS dtype)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, machine = {}, ""
+    for path in paths:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        rows |= saved.get("peers", {}).get("sets", {})
+        machine = f"{saved['machine']['cpu']}, {saved['config']['threads']} thread(s), {saved['device']}"
+    if not rows:
+        raise SystemExit(f"no peers section in {paths}")
+    fig, axes = plt.subplots(1, len(rows), figsize=(4.2 * len(rows), 3.6), squeeze=False)
+    for ax, (name, row) in zip(axes[0], rows.items(), strict=True):
+        names = list(row["ms"])
+        colors = [
+            "#2ca02c" if n.startswith("ROOT") else "#8c8c8c" if n.startswith("AdamW") else "#1f77b4" for n in names
+        ]
+        ax.barh(range(len(names)), [row["ms"][n] / 1e3 for n in names], color=colors)
+        ax.set_yticks(range(len(names)))
+        ax.set_yticklabels([n.replace(" Muon", "\nMuon") for n in names], fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel("optimizer step (s, median)")
+        ax.set_title(f"{name} NS, {row['layers']} layer(s)", fontsize=9)
+        ax.grid(axis="x", alpha=0.3)
+    fig.suptitle(f"step time, interleaved medians: {machine}", fontsize=9)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=90)
+    print(f"plot: {out}")
+
+
 def _json_default(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
@@ -1068,8 +1103,15 @@ def main() -> None:
     parser.add_argument(
         "--save", nargs="?", const=DEFAULT_JSON, type=Path, default=None, help=f"write JSON (default {DEFAULT_JSON})"
     )
+    parser.add_argument(
+        "--plot-from", nargs="+", type=Path, default=None, help="draw the peers section of saved JSON runs and exit"
+    )
+    parser.add_argument("--plot", type=Path, default=DEFAULT_PLOT, help=f"with --plot-from (default {DEFAULT_PLOT})")
     parser.add_argument("--worker", nargs=5, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.plot_from:
+        plot_peers(args.plot_from, args.plot)
+        return
     if args.worker:
         torch.set_num_threads(args.threads)
         print(json.dumps(memory_worker(*args.worker)))
