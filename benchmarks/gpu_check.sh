@@ -49,11 +49,12 @@ part env 40 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --f
 import platform, torch
 print('python', platform.python_version(), 'torch', torch.__version__, 'cuda', torch.version.cuda)
 print('device', torch.cuda.get_device_name() if torch.cuda.is_available() else 'NO CUDA')
-for name in ('transformers', 'accelerate', 'peft', 'heavyball', 'emerging_optimizers'):
+import importlib.metadata as md
+for name in ('transformers', 'accelerate', 'peft', 'heavyball', 'emerging-optimizers'):
     try:
-        print(name, __import__(name).__version__)
-    except Exception as exc:
-        print(name, 'absent', type(exc).__name__)
+        print(name, md.version(name))
+    except md.PackageNotFoundError:
+        print(name, 'absent')
 import root_hf
 print('root_hf', root_hf.__version__, root_hf.__file__)
 PY"
