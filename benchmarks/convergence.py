@@ -45,11 +45,11 @@ from benchmarks.harness import (
     SETTINGS,
     Setting,
     Study,
-    schedules,
     default_schedule,
     library_versions,
     machine_dict,
     optimizer_specs,
+    schedules,
 )
 
 # --------------------------------------------------------------------------------------------------------------------

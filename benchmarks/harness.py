@@ -33,8 +33,11 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `python benchmarks/x.py` puts benchmarks/, not the repository, on sys.path
     sys.path.insert(0, str(REPO))
 
-from root_hf import ROOT, get_schedule  # noqa: E402
-from root_hf import schedules  # noqa: E402
+from root_hf import (  # noqa: E402
+    ROOT,
+    get_schedule,
+    schedules,
+)
 
 # Run cache and outputs; $BENCHMARKS_RESULTS moves them (the --quick smoke tests write to a temporary folder).
 RESULTS = Path(os.environ.get("BENCHMARKS_RESULTS") or Path(__file__).resolve().parent / "results")

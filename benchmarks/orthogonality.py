@@ -56,6 +56,11 @@ FAMILIES = ("gaussian", "low-rank", "power-1")
 # Display name -> schedule name; "root-paper" is the authors' table as published (its unsafe triple included).
 SCHEDULES = {"muon": "muon", "root-table": "root-paper", "polar-express": "polar-express", "adaptive": "adaptive"}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# The hidden-matrix shapes of benchmarks/step_time.py's shape sets (q/o, k/v, gate/up, down), for --shape-set.
+SHAPE_SETS = {
+    "smollm2-135m": ((576, 576), (192, 576), (1536, 576), (576, 1536)),
+    "llama-3.2-1b": ((2048, 2048), (512, 2048), (8192, 2048), (2048, 8192)),
+}
 QUICK_LIMIT = 2**33
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "orthogonality.json"
 DEFAULT_PLOT = Path(__file__).resolve().parents[1] / "docs" / "img" / "orthogonality.png"
@@ -312,6 +317,9 @@ def main(argv: list[str] | None = None) -> None:
         "--quick", action="store_true", help=f"only shapes with min^2 * max <= 2^{int(math.log2(QUICK_LIMIT))}"
     )
     parser.add_argument("--shapes", nargs="*", default=None, help="shapes like 2048x8192 (default: the issue's nine)")
+    parser.add_argument(
+        "--shape-set", choices=sorted(SHAPE_SETS), default=None, help="the shapes of a step_time.py shape set"
+    )
     parser.add_argument("--steps", type=int, default=5, help="Newton-Schulz steps K (default: 5)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=1234, help="seed of the test matrices (the fitter uses 0)")
@@ -329,6 +337,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     args.shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes] if args.shapes else SHAPES
+    if args.shape_set:
+        args.shapes = list(SHAPE_SETS[args.shape_set])
     print(machine_info())
     print(f"versions: {library_versions()}")
     print(

@@ -25,6 +25,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import statistics
+import subprocess
 import sys
 import time
 from collections import defaultdict
@@ -48,14 +51,20 @@ from benchmarks.common import (
 )
 from root_hf import ROOT, get_schedule
 from root_hf.optim.clip import soft_threshold_clip_
-from root_hf.optim.newton_schulz import newton_schulz
-from root_hf.optim.root import adjusted_lr_ratio
+from root_hf.optim.functional import adjusted_lr_ratio
+from root_hf.optim.newton_schulz import newton_schulz, resolve_ns_dtype
 from root_hf.schedules import DEFAULT_SCHEDULE
 
-SECTIONS = ("main", "breakdown", "sweep", "memory")
+SECTIONS = ("main", "breakdown", "sweep", "memory", "peers", "ns-dtype", "temp-memory", "first-step", "e2e")
+# what convergence.py's results page reads (collect()'s default); the CLI default adds the issue 16 sections
+LEGACY_SECTIONS = ("main", "breakdown", "sweep", "memory")
+CLI_DEFAULT = ("peers", "ns-dtype", "temp-memory", "first-step", "main", "breakdown", "sweep", "memory")
+QUICK_SECTIONS = ("peers", "ns-dtype")
 SWEEP_HIDDEN = (256, 576, 1024, 2048)
 PEAK_SIZES = (2048, 3072, 4096)  # square matmuls timed for the machine's peak; the fastest counts
+CUDA_PEAK_SIZES = (4096, 8192)  # an H200 reaches its bf16 peak (about 790 TFLOP/s) only on large products
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "step_time.json"
+DEFAULT_PLOT = Path(__file__).resolve().parents[1] / "docs" / "img" / "step_time_peers.png"
 
 
 def make_params(
@@ -376,7 +385,7 @@ def smollm2_config() -> Any:
     from transformers import AutoConfig, LlamaConfig
 
     try:
-        from root_hf.assets import smollm2_path
+        from recipes.assets import smollm2_path
 
         return AutoConfig.from_pretrained(smollm2_path(progress=False))
     except (ImportError, ModuleNotFoundError, OSError):
@@ -451,10 +460,521 @@ def run_memory() -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# peers: ROOT vs every Muon implementation at hand, per shape set and NS dtype (root_hf issue 16)
+# --------------------------------------------------------------------------------------------------------------------
+
+# Llama-3.2-1B (meta-llama/Llama-3.2-1B config.json): hidden 2048, intermediate 8192, 32 heads / 8 KV heads of dim 64.
+LLAMA_32_1B = {"hidden": 2048, "intermediate": 8192, "heads": 32, "kv_heads": 8, "head_dim": 64}
+# name -> (dims, decoder layers): 6 of SmolLM2-135M's 30 layers, 2 of Llama-3.2-1B's 16.
+SHAPE_SETS: dict[str, tuple[dict[str, int], int]] = {
+    "smollm2-135m": (SMOLLM2_135M, 6),
+    "llama-3.2-1b": (LLAMA_32_1B, 2),
+}
+NS_DTYPE_NAMES = {"bf16": "bfloat16", "fp32": "float32"}
+ADAMW = "AdamW (foreach)"
+
+
+class _Anything:
+    """Stand-in for every attribute of a missing `triton`: Emerging-Optimizers imports it at module level for its
+    optional CUDA kernel (`use_syrk`), which a CPU run never calls."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> _Anything:
+        return self
+
+    def __getattr__(self, name: str) -> _Anything:
+        return self
+
+    def __iter__(self) -> Any:
+        return iter(())
+
+
+def _import_without_triton(module: str) -> Any:
+    import importlib
+    import importlib.util
+    import types
+
+    if importlib.util.find_spec("triton") is not None:
+        return importlib.import_module(module)
+    stubs = {}
+    for name in ("triton", "triton.language"):
+        stub = types.ModuleType(name)
+        stub.__getattr__ = lambda attr: _Anything()  # type: ignore[method-assign]
+        stubs[name] = stub
+    stubs["triton"].language = stubs["triton.language"]  # type: ignore[attr-defined]
+    sys.modules.update(stubs)
+    try:
+        return importlib.import_module(module)
+    finally:
+        for name in stubs:
+            sys.modules.pop(name, None)
+
+
+def load_peers() -> tuple[dict[str, Any], list[str]]:
+    """The optional Muon implementations of the `bench` extra: name -> optimizer class, and a note per absent one."""
+    peers: dict[str, Any] = {}
+    notes: list[str] = []
+    try:
+        import typing
+
+        if not hasattr(typing, "override"):  # Emerging-Optimizers 0.3 uses typing.override (Python 3.12)
+            import typing_extensions
+
+            typing.override = typing_extensions.override  # type: ignore[attr-defined]
+        module = _import_without_triton("emerging_optimizers.orthogonalized_optimizers")
+        peers["Emerging-Optimizers Muon"] = module.Muon
+    except Exception as exc:  # an optional peer: any import failure means "absent"
+        notes.append(f"Emerging-Optimizers Muon skipped ({type(exc).__name__}: {exc}); pip install 'root-hf[bench]'")
+    try:
+        import heavyball
+        import heavyball.utils
+
+        # eager kernels: heavyball would torch.compile them (max-autotune), minutes of compile time on a CPU
+        heavyball.utils.compile_mode = None
+        heavyball.utils.compile_mode_recommended_to_none = None
+        peers["heavyball Muon"] = heavyball.Muon
+    except Exception as exc:
+        notes.append(f"heavyball Muon skipped ({type(exc).__name__}: {exc}); pip install 'root-hf[bench]'")
+    return peers, notes
+
+
+def peer_builders(
+    params: list[torch.nn.Parameter], ns: str, peers: dict[str, Any]
+) -> dict[str, Callable[[], torch.optim.Optimizer]]:
+    """Optimizers iterating Newton-Schulz in `ns` ("bf16" or "fp32"), plus AdamW; one entry per implementation.
+
+    `torch.optim.Muon` and heavyball iterate in bfloat16 only, so they appear in the bf16 rows only.
+    """
+    out: dict[str, Callable[[], torch.optim.Optimizer]] = {
+        f"ROOT ({ns} NS)": lambda: ROOT(params, lr=1e-3, ns_dtype=NS_DTYPE_NAMES[ns]),
+    }
+    if ns == "bf16":
+        out["torch.optim.Muon"] = lambda: torch.optim.Muon(params, lr=1e-3, adjust_lr_fn="match_rms_adamw")
+    if "Emerging-Optimizers Muon" in peers:
+        cls = peers["Emerging-Optimizers Muon"]
+        # fp32_matmul_prec "medium": its NS casts to bf16; "highest": NS in fp32
+        prec = "medium" if ns == "bf16" else "highest"
+        out["Emerging-Optimizers Muon"] = lambda cls=cls: cls(params, lr=1e-3, nesterov=True, fp32_matmul_prec=prec)
+    if ns == "bf16" and "heavyball Muon" in peers:
+        cls = peers["heavyball Muon"]
+        out["heavyball Muon"] = lambda cls=cls: cls(params, lr=1e-3)
+    out[ADAMW] = lambda: torch.optim.AdamW(params, lr=1e-3, foreach=True)
+    return out
+
+
+def bucket_counts(dims: dict[str, int], layers: int) -> dict[tuple[int, int], int]:
+    counts: dict[tuple[int, int], int] = defaultdict(int)
+    for shape in llama_hidden_shapes(**dims):
+        counts[shape] += layers
+    return dict(counts)
+
+
+def ns_runners(
+    dims: dict[str, int], layers: int, dtype: torch.dtype, device: str
+) -> tuple[int, dict[str, Callable[[], None]]]:
+    """Newton-Schulz alone (ROOT's kernel, default schedule) on each same-shape bucket: (total FLOPs, runners)."""
+    g = torch.Generator().manual_seed(1)
+    runners, flops = {}, 0
+    for (m, n), count in bucket_counts(dims, layers).items():
+        x0 = torch.randn(count, m, n, generator=g)
+        x0 = (x0 / torch.linalg.vector_norm(x0, dim=(1, 2), keepdim=True)).to(device=device, dtype=dtype)
+        schedule = get_schedule(DEFAULT_SCHEDULE, (m, n), 5)
+
+        def run(x0: torch.Tensor = x0, schedule: Any = schedule) -> None:
+            newton_schulz(x0.clone(), schedule)  # ROOT's NS input is a fresh cast of the clipped momentum
+            _sync(device)
+
+        runners[f"NS {m}x{n} x{count}"] = run
+        flops += ns_flops((m, n)) * count
+    return flops, runners
+
+
+def with_grads(step: Callable[[], object], params: list[torch.nn.Parameter], device: str) -> Callable[[], None]:
+    """`step` with the fixed gradients re-attached first (heavyball's step sets `p.grad = None`), synchronized."""
+    grads = [p.grad for p in params]
+
+    def run() -> None:
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g
+        step()
+        _sync(device)
+
+    return run
+
+
+def run_peers(
+    shape_sets: tuple[str, ...],
+    rounds: int,
+    device: str,
+    peak_sizes: tuple[int, ...],
+    layers: int | None = None,
+    ns_dtypes: tuple[str, ...] = ("bf16", "fp32"),
+) -> dict[str, Any]:
+    """Step time of ROOT and its peers per shape set and NS dtype, all timed in turns with the NS-alone batches and
+    the matmul peak of that dtype (so the ratios, the peak fraction and the time outside NS share the same load)."""
+    peers, notes = load_peers()
+    print("\n== peers: optimizer step time, interleaved round-robin (medians) ==")
+    for note in notes:
+        print(f"  note: {note}")
+    if "heavyball Muon" in peers:
+        print(
+            "  note: heavyball runs eager (its torch.compile disabled); it iterates in bf16 only, as torch.optim.Muon"
+        )
+    result: dict[str, Any] = {"notes": notes, "sets": {}}
+    for set_name in shape_sets:
+        dims, default_layers = SHAPE_SETS[set_name]
+        n_layers = layers or default_layers
+        for ns in ns_dtypes:
+            dtype = getattr(torch, NS_DTYPE_NAMES[ns])
+            params = make_params(n_layers, device, dims=dims)
+            n_params = sum(p.numel() for p in params)
+            opts = {name: build() for name, build in peer_builders(params, ns, peers).items()}
+            fns: dict[str, Callable[[], object]] = {n: with_grads(o.step, params, device) for n, o in opts.items()}
+            ns_total_flops, ns_fns = ns_runners(dims, n_layers, dtype, device)
+            peaks = {size: matmul_runner(dtype, size, device) for size in peak_sizes}
+            fns |= ns_fns
+            fns |= {f"peak {size}": run for size, (_, run) in peaks.items()}
+            t = interleaved_medians(fns, rounds, warmup=1)
+            root_name = f"ROOT ({ns} NS)"
+            peer_names = [n for n in opts if n not in (root_name, ADAMW)]
+            fastest = min(peer_names, key=lambda n: t[n]) if peer_names else None
+            peak = max(flops / t[f"peak {size}"] for size, (flops, _) in peaks.items())
+            ns_time = sum(t[n] for n in ns_fns)
+            row = {
+                "layers": n_layers,
+                "params": n_params,
+                "ms": {n: t[n] * 1e3 for n in opts},
+                "ns_ms": ns_time * 1e3,
+                "ns_gflop": ns_total_flops / 1e9,
+                "peak_gflops": peak / 1e9,
+                "ns_peak_fraction": ns_total_flops / ns_time / peak,
+                "outside_ns_fraction": max(0.0, 1 - ns_time / t[root_name]),
+                "fastest_peer": fastest,
+                "root_over_fastest_peer": t[root_name] / t[fastest] if fastest else None,
+                "root_over_peer": {n: t[root_name] / t[n] for n in peer_names},
+            }
+            result["sets"][f"{set_name} {ns}"] = row
+            print(
+                f"-- {set_name} ({n_layers} layers, {n_params / 1e6:.1f}M params), NS in {ns}, {rounds} rounds; "
+                f"{ns} matmul peak {peak / 1e9:.0f} GFLOP/s (same run)"
+            )
+            for name in opts:
+                ratio = f"  ROOT/this {t[root_name] / t[name]:.2f}x" if name in peer_names else ""
+                print(f"  {name:<28} {t[name] * 1e3:9.1f} ms{ratio}")
+            print(
+                f"  ROOT's NS alone {ns_time * 1e3:.1f} ms = {row['ns_peak_fraction']:.0%} of the {ns} peak "
+                f"(target >= 90%); time outside NS {row['outside_ns_fraction']:.0%} of ROOT's step (target <= 10%)"
+            )
+            if fastest:
+                r = row["root_over_fastest_peer"]
+                print(
+                    f"  ROOT / fastest peer ({fastest}): {r:.2f}x  "
+                    f"(target <= 0.85x: {'met' if r <= 0.85 else 'NOT met'})"
+                )
+            del opts, params
+    return result
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# ns-dtype: bf16 vs fp32 Newton-Schulz, error against the float64 polar factor and speed (the CPU default's evidence)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def polar_error(x: torch.Tensor, polar: torch.Tensor) -> float:
+    return float((x.double() - polar).norm() / polar.norm())
+
+
+def run_ns_dtype(shape_sets: tuple[str, ...], rounds: int, device: str) -> dict[str, Any]:
+    """Per benchmark shape: relative Frobenius error of ROOT's NS (default schedule) in fp32 and in bf16 and of
+    `torch.optim.Muon`'s NS (bf16) against the exact polar factor of a Gaussian matrix (float64 SVD), and the time
+    of ROOT's NS on the shape's whole bucket in both dtypes, interleaved."""
+    try:  # torch.optim.Muon's private kernel (torch >= 2.9); its error column is skipped without it
+        from torch.optim._muon import _zeropower_via_newtonschulz
+    except ImportError:
+        _zeropower_via_newtonschulz = None
+
+    print("\n== ns-dtype: Newton-Schulz error vs the float64 polar factor, and speed, bf16 vs fp32 ==")
+    auto = resolve_ns_dtype("auto", torch.device(device))
+    print(f"  ns_dtype='auto' resolves to {auto} on this {device} (float32 params)")
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    for set_name in shape_sets:
+        dims, layers = SHAPE_SETS[set_name]
+        for (m, n), count in bucket_counts(dims, layers).items():
+            g = torch.randn(m, n, generator=gen, dtype=torch.float64).to(device)
+            u, _, vh = torch.linalg.svd(g, full_matrices=False)
+            polar = u @ vh
+            schedule = get_schedule(DEFAULT_SCHEDULE, (m, n), 5)
+            x0 = (g / g.norm()).float().to(device)
+            err = {}
+            for ns in ("fp32", "bf16"):
+                x = newton_schulz(x0.to(getattr(torch, NS_DTYPE_NAMES[ns])).clone(), schedule)
+                err[ns] = polar_error(x, polar)
+            muon_coeffs = (3.4445, -4.7750, 2.0315)  # torch.optim.Muon's defaults
+            err["torch Muon (bf16)"] = float("nan")
+            if _zeropower_via_newtonschulz is not None:
+                x = _zeropower_via_newtonschulz(g.float(), muon_coeffs, 5, 1e-7)
+                err["torch Muon (bf16)"] = polar_error(x, polar)
+            batch = torch.randn(count, m, n, generator=gen)
+            batch = batch / torch.linalg.vector_norm(batch, dim=(1, 2), keepdim=True)
+            fns = {}
+            for ns in ("fp32", "bf16"):
+                xb = batch.to(device=device, dtype=getattr(torch, NS_DTYPE_NAMES[ns]))
+                fns[ns] = lambda xb=xb, schedule=schedule: (newton_schulz(xb.clone(), schedule), _sync(device))
+            t = interleaved_medians(fns, rounds, warmup=1)
+            row = {
+                "set": set_name,
+                "shape": [m, n],
+                "batch": count,
+                "error": err,
+                "ms": {k: v * 1e3 for k, v in t.items()},
+            }
+            rows.append(row)
+            print(
+                f"  {m:>5}x{n:<5} err fp32 {err['fp32']:.4f}  bf16 {err['bf16']:.4f}  torch Muon bf16 "
+                f"{err['torch Muon (bf16)']:.4f} | NS on x{count}: fp32 {t['fp32'] * 1e3:8.1f} ms  bf16 "
+                f"{t['bf16'] * 1e3:8.1f} ms  fp32/bf16 {t['fp32'] / t['bf16']:.2f}x"
+            )
+    return {"auto_cpu": str(auto), "rows": rows}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# temp-memory: peak RSS rise of a steady step (temporary memory), first-step overhead; in fresh worker processes
+# --------------------------------------------------------------------------------------------------------------------
+
+_MMAP_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm", encoding="utf-8") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _hwm_bytes() -> int:
+    with open("/proc/self/status", encoding="utf-8") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def _reset_hwm() -> None:
+    with open("/proc/self/clear_refs", "w", encoding="utf-8") as f:
+        f.write("5")  # resets the peak RSS (VmHWM) to the current RSS (Linux >= 4.0)
+
+
+def _step_memory(opt: torch.optim.Optimizer, device: str) -> int:
+    """Bytes the step needs on top of what it keeps: peak RSS (CPU) or peak allocated (CUDA) rise."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        opt.step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    _reset_hwm()
+    before = _rss_bytes()
+    opt.step()
+    return _hwm_bytes() - before
+
+
+def memory_worker(kind: str, set_name: str, optimizer: str, ns: str, device: str) -> dict[str, Any]:
+    """Runs in a fresh process (glibc returns every large block at free, so RSS falls back after each step)."""
+    if kind == "first-step":
+        return first_step_worker(optimizer, device)
+    dims, layers = SHAPE_SETS[set_name]
+    params = make_params(layers, device, dims=dims)
+    peers, _ = load_peers()
+    opt = peer_builders(params, ns, peers)[optimizer]()
+    grads = [p.grad for p in params]
+    rises = []
+    for i in range(5):
+        for p, grad in zip(params, grads, strict=True):
+            p.grad = grad  # heavyball's step sets p.grad = None
+        if i < 2:
+            opt.step()
+        else:
+            rises.append(_step_memory(opt, device))
+    return {"rise_bytes": statistics.median(rises), "state_bytes": state_bytes(opt)}
+
+
+def first_step_worker(ns_steps: str, device: str) -> dict[str, Any]:
+    """ROOT on one 8192 x 28672 matrix (a 70B-class MLP): first step minus a later one, time and memory."""
+    m, n = 8192, 28672
+    g = torch.Generator().manual_seed(0)
+    p = torch.nn.Parameter(torch.empty(m, n, device=device).normal_(0, 0.02, generator=None))
+    p.grad = torch.randn(m, n, generator=g).mul_(1e-3).to(device)
+    start = time.perf_counter()
+    probe = torch.zeros_like(p)  # what allocating the momentum buffer (state, not overhead) costs on its own
+    state_alloc_s = time.perf_counter() - start
+    del probe
+    opt = ROOT([p], lr=1e-3, ns_steps=int(ns_steps), ns_coefficients="muon")
+    times, rises = [], []
+    for _ in range(3):
+        if device == "cpu":
+            _reset_hwm()
+        start = time.perf_counter()
+        rises.append(_step_memory(opt, device))
+        times.append(time.perf_counter() - start)
+    state = state_bytes(opt)
+    return {
+        "first_s": times[0],
+        "later_s": statistics.median(times[1:]),
+        "first_rise_bytes": rises[0],
+        "later_rise_bytes": statistics.median(rises[1:]),
+        "state_bytes": state,
+        "state_alloc_s": state_alloc_s,
+    }
+
+
+def _run_worker(args: list[str], threads: int) -> dict[str, Any]:
+    """CPU: a fresh process (clean RSS, glibc told to return large blocks); CUDA: in process (peak stats reset)."""
+    if args[-1] == "cuda":
+        result = memory_worker(*args)
+        torch.cuda.empty_cache()
+        return result
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", *args, "--threads", str(threads)]
+    env = {**os.environ, **_MMAP_ENV, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
+    if out.returncode != 0:
+        raise RuntimeError(f"worker {args} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run_temp_memory(
+    shape_sets: tuple[str, ...], device: str, threads: int, ns_dtypes: tuple[str, ...] = ("bf16", "fp32")
+) -> dict[str, Any]:
+    print("\n== temp-memory: peak RSS rise of a steady step (temporary memory; CUDA: max_memory_allocated rise) ==")
+    peers, _ = load_peers()
+    result: dict[str, Any] = {}
+    for set_name in shape_sets:
+        for ns in ns_dtypes:
+            names = list(peer_builders([], ns, peers))
+            rows = {}
+            for name in names:
+                try:
+                    rows[name] = _run_worker(["temp-memory", set_name, name, ns, device], threads)
+                except Exception as exc:
+                    print(f"  {name}: failed ({exc})")
+            result[f"{set_name} {ns}"] = rows
+            muon = rows.get("torch.optim.Muon") or result.get(f"{set_name} bf16", {}).get("torch.optim.Muon")
+            print(f"-- {set_name}, NS in {ns}")
+            for name, r in rows.items():
+                vs = (
+                    f"  {r['rise_bytes'] / muon['rise_bytes']:.2f}x torch Muon's"
+                    if muon and muon["rise_bytes"]
+                    else ""
+                )
+                rise, state = r["rise_bytes"] / 2**20, r["state_bytes"] / 2**20
+                print(f"  {name:<28} step rise {rise:8.1f} MiB  (state {state:7.1f} MiB){vs}")
+            root = rows.get(f"ROOT ({ns} NS)")
+            if root and muon and muon["rise_bytes"]:
+                ratio = root["rise_bytes"] / muon["rise_bytes"]
+                verdict = "met" if ratio <= 1.5 else "NOT met"
+                print(f"  ROOT / torch Muon temporary memory {ratio:.2f}x (target <= 1.5x: {verdict})")
+    return result
+
+
+def run_first_step(device: str, threads: int) -> dict[str, Any]:
+    print("\n== first-step: ROOT on one 8192 x 28672 matrix (70B-class MLP), first step minus a later step ==")
+    print("   (ns_steps=0: Newton-Schulz on this matrix costs minutes on a CPU and has no first-step cost of its own)")
+    r = _run_worker(["first-step", "-", "0", "-", device], threads)
+    # the first step allocates the momentum buffer (optimizer state, which every momentum optimizer allocates)
+    over_s = r["first_s"] - r["later_s"] - r["state_alloc_s"]
+    # the first step allocates the momentum buffer (optimizer state): not an overhead
+    over_b = r["first_rise_bytes"] - r["later_rise_bytes"] - r["state_bytes"]
+    print(
+        f"  first {r['first_s']:.2f} s, later {r['later_s']:.2f} s, allocating a zero momentum buffer alone "
+        f"{r['state_alloc_s']:.2f} s: overhead {over_s:.3f} s (target <= 0.2 s: "
+        f"{'met' if over_s <= 0.2 else 'NOT met'}); memory beyond the momentum buffer "
+        f"({r['state_bytes'] / 2**20:.0f} MiB) {over_b / 2**20:.1f} MiB (target <= 50 MB: "
+        f"{'met' if over_b <= 50e6 else 'NOT met'})"
+    )
+    start = time.perf_counter()
+    get_schedule("adaptive", (8191, 28673), 5)
+    fit = time.perf_counter() - start
+    print(f"  (a cold 'adaptive' schedule lookup for an off-table shape, 8191 x 28673: {fit:.2f} s, paid when the "
+          "parameter is added)")  # fmt: skip
+    return {**r, "overhead_s": over_s, "overhead_bytes": over_b, "cold_schedule_s": fit}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# e2e: the optimizer's share of a full fine-tuning step of the real SmolLM2-135M
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _smollm2_model() -> tuple[Any, str]:
+    """SmolLM2-135M: the real weights from the recipe's asset loader when available, else random from its config."""
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    for module in ("recipes.assets",):
+        try:
+            loader = __import__(module, fromlist=["smollm2_path"]).smollm2_path
+            path = loader(progress=False) if "progress" in loader.__code__.co_varnames else loader()
+            return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), f"{module}.smollm2_path()"
+        except Exception:  # absent module, asset or dependency: try the next
+            continue
+    return LlamaForCausalLM(smollm2_config()), "random init from SmolLM2-135M's config (asset not available)"
+
+
+def run_e2e(rounds: int, device: str) -> dict[str, Any]:
+    import copy
+
+    print("\n== e2e: full fine-tuning step of SmolLM2-135M, batch 4 x 256 tokens, fp32 weights ==")
+    base, source = _smollm2_model()
+    print(f"  model: {source}")
+    base.to(device)
+    g = torch.Generator().manual_seed(0)
+    batch = torch.randint(0, base.config.vocab_size, (4, 256), generator=g).to(device)
+
+    def split(model: Any) -> tuple[list, list]:
+        named = list(model.named_parameters())
+        hidden = [p for n, p in named if p.dim() == 2 and ".layers." in f".{n}"]
+        rest = [p for n, p in named if not (p.dim() == 2 and ".layers." in f".{n}")]
+        return hidden, rest
+
+    builds = {
+        "AdamW": lambda m: [torch.optim.AdamW(m.parameters(), lr=1e-5, foreach=True)],
+        "torch.optim.Muon + AdamW": lambda m: [
+            torch.optim.Muon(split(m)[0], lr=1e-5, adjust_lr_fn="match_rms_adamw"),
+            torch.optim.AdamW(split(m)[1], lr=1e-5, foreach=True),
+        ],
+        "ROOT (default ns_dtype)": lambda m: [
+            ROOT([{"params": split(m)[0], "use_root": True}, {"params": split(m)[1], "use_root": False}], lr=1e-5)
+        ],
+    }
+    models = {name: copy.deepcopy(base) for name in builds}
+    opts = {name: build(models[name]) for name, build in builds.items()}
+    times: dict[str, dict[str, list[float]]] = {n: {"fwd_bwd": [], "opt": []} for n in builds}
+    for r in range(rounds + 1):
+        for name in builds:
+            model = models[name]
+            start = time.perf_counter()
+            loss = model(input_ids=batch, labels=batch).loss
+            loss.backward()
+            _sync(device)
+            mid = time.perf_counter()
+            for opt in opts[name]:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            _sync(device)
+            end = time.perf_counter()
+            if r > 0:  # round 0 is the warm-up (state allocation)
+                times[name]["fwd_bwd"].append(mid - start)
+                times[name]["opt"].append(end - mid)
+    rows = {}
+    for name, t in times.items():
+        fb, op = statistics.median(t["fwd_bwd"]), statistics.median(t["opt"])
+        rows[name] = {"fwd_bwd_s": fb, "opt_s": op, "step_s": fb + op, "opt_share": op / (fb + op)}
+        print(f"  {name:<26} step {fb + op:6.2f} s = forward+backward {fb:6.2f} s + optimizer {op:6.2f} s "
+              f"({op / (fb + op):.0%} of the step)")  # fmt: skip
+    return {"model": source, "rounds": rounds, "rows": rows}
+
+
+# --------------------------------------------------------------------------------------------------------------------
 
 
 def collect(
-    sections: tuple[str, ...] = SECTIONS,
+    sections: tuple[str, ...] = LEGACY_SECTIONS,
     *,
     layers: int = 6,
     steps: int = 5,
@@ -462,21 +982,42 @@ def collect(
     device: str = "cpu",
     sweep_hidden: tuple[int, ...] = SWEEP_HIDDEN,
     save: Path | None = None,
+    shape_sets: tuple[str, ...] = tuple(SHAPE_SETS),
+    peer_layers: int | None = None,
+    peak_sizes: tuple[int, ...] = PEAK_SIZES,
+    rounds: int = 5,
+    ns_dtypes: tuple[str, ...] = ("bf16", "fp32"),
 ) -> dict[str, Any]:
     """Run the chosen sections, print their figures and return them as one dict (also written to ``save``)."""
     torch.set_num_threads(threads)
     print(machine_info())
+    print(f"cpu: {machine_dict()['cpu']}")
     if device == "cuda":
         print(f"device: {torch.cuda.get_device_name()}")
     result: dict[str, Any] = {
         "machine": machine_dict(),
         "versions": library_versions(),
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-        "config": {"layers": layers, "steps": steps, "threads": threads, "sections": list(sections)},
+        "config": {
+            "layers": layers,
+            "steps": steps,
+            "threads": threads,
+            "sections": list(sections),
+            "rounds": rounds,
+            "shape_sets": list(shape_sets),
+        },
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "default_schedule": DEFAULT_SCHEDULE,
     }
     start = time.perf_counter()
+    if "peers" in sections:
+        result["peers"] = run_peers(shape_sets, rounds, device, peak_sizes, peer_layers, ns_dtypes)
+    if "ns-dtype" in sections:
+        result["ns_dtype"] = run_ns_dtype(shape_sets, rounds, device)
+    if "temp-memory" in sections:
+        result["temp_memory"] = run_temp_memory(shape_sets, device, threads, ns_dtypes)
+    if "first-step" in sections:
+        result["first_step"] = run_first_step(device, threads)
     if "main" in sections:
         result["main"] = run_main(layers, steps, device)
     if "breakdown" in sections:
@@ -485,13 +1026,51 @@ def collect(
         result["sweep"] = run_sweep(sweep_hidden, max(2, steps - 2), device)
     if "memory" in sections:
         result["memory"] = run_memory()
+    if "e2e" in sections:
+        result["e2e"] = run_e2e(max(2, rounds // 2), device)
     result["seconds"] = time.perf_counter() - start
     result["machine"]["load_average_1m_end"] = machine_dict()["load_average_1m"]
+    print(f"\ntotal {result['seconds']:.0f} s; load average {result['machine']['load_average_1m']} at the start, "
+          f"{result['machine']['load_average_1m_end']} at the end")  # fmt: skip
     if save is not None:
         save.parent.mkdir(parents=True, exist_ok=True)
         save.write_text(json.dumps(result, indent=1, default=_json_default), encoding="utf-8")
         print(f"\nwrote {save}")
     return result
+
+
+def plot_peers(paths: list[Path], out: Path) -> None:
+    """Bar chart of the peers section of one or more saved runs (one panel per shape set and NS dtype)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, machine = {}, ""
+    for path in paths:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        rows |= saved.get("peers", {}).get("sets", {})
+        machine = f"{saved['machine']['cpu']}, {saved['config']['threads']} thread(s), {saved['device']}"
+    if not rows:
+        raise SystemExit(f"no peers section in {paths}")
+    fig, axes = plt.subplots(1, len(rows), figsize=(4.2 * len(rows), 3.6), squeeze=False)
+    for ax, (name, row) in zip(axes[0], rows.items(), strict=True):
+        names = list(row["ms"])
+        colors = [
+            "#2ca02c" if n.startswith("ROOT") else "#8c8c8c" if n.startswith("AdamW") else "#1f77b4" for n in names
+        ]
+        ax.barh(range(len(names)), [row["ms"][n] / 1e3 for n in names], color=colors)
+        ax.set_yticks(range(len(names)))
+        ax.set_yticklabels([n.replace(" Muon", "\nMuon") for n in names], fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel("optimizer step (s, median)")
+        ax.set_title(f"{name} NS, {row['layers']} layer(s)", fontsize=9)
+        ax.grid(axis="x", alpha=0.3)
+    fig.suptitle(f"step time, interleaved medians: {machine}", fontsize=9)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=90)
+    print(f"plot: {out}")
 
 
 def _json_default(value: Any) -> Any:
@@ -502,24 +1081,77 @@ def _json_default(value: Any) -> Any:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=6, help="decoder layers (SmolLM2-135M has 30)")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per optimizer (median reported)")
+    parser.add_argument("--layers", type=int, default=6, help="decoder layers of main/breakdown (SmolLM2 has 30)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per optimizer in main/breakdown/sweep")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds in peers/ns-dtype (median)")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where params and grads live")
     parser.add_argument(
-        "--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)"
+        "--sections",
+        default=None,
+        help=f"comma-separated subset of {','.join(SECTIONS)} (default: all but e2e; e2e is slow: ask for it)",
+    )
+    parser.add_argument("--shape-sets", default=",".join(SHAPE_SETS), help=f"subset of {','.join(SHAPE_SETS)}")
+    parser.add_argument("--ns-dtypes", default="bf16,fp32", help="NS dtypes of peers / temp-memory (bf16,fp32)")
+    parser.add_argument(
+        "--peer-layers", type=int, default=None, help="decoder layers per shape set in peers (default: 6 / 2)"
+    )
+    parser.add_argument("--e2e", action="store_true", help="add the e2e section (real SmolLM2-135M; slow)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="seconds, not minutes: peers and ns-dtype on one SmolLM2 layer, 2 rounds, a 1024 matmul peak",
     )
     parser.add_argument(
         "--save", nargs="?", const=DEFAULT_JSON, type=Path, default=None, help=f"write JSON (default {DEFAULT_JSON})"
     )
+    parser.add_argument(
+        "--plot-from", nargs="+", type=Path, default=None, help="draw the peers section of saved JSON runs and exit"
+    )
+    parser.add_argument("--plot", type=Path, default=DEFAULT_PLOT, help=f"with --plot-from (default {DEFAULT_PLOT})")
+    parser.add_argument("--worker", nargs=5, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    sections = tuple(s.strip() for s in args.sections.split(",") if s.strip())
+    if args.plot_from:
+        plot_peers(args.plot_from, args.plot)
+        return
+    if args.worker:
+        torch.set_num_threads(args.threads)
+        print(json.dumps(memory_worker(*args.worker)))
+        return
+    if args.sections is None:
+        sections = QUICK_SECTIONS if args.quick else CLI_DEFAULT
+    else:
+        sections = tuple(s.strip() for s in args.sections.split(",") if s.strip())
+    if args.e2e and "e2e" not in sections:
+        sections = (*sections, "e2e")
     unknown = sorted(set(sections) - set(SECTIONS))
     if unknown:
         parser.error(f"unknown sections {unknown}; choose from {SECTIONS}")
+    shape_sets = tuple(s.strip() for s in args.shape_sets.split(",") if s.strip())
+    if set(shape_sets) - set(SHAPE_SETS):
+        parser.error(f"unknown shape sets {sorted(set(shape_sets) - set(SHAPE_SETS))}; choose from {list(SHAPE_SETS)}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda needs a CUDA GPU; none is visible to torch")
-    collect(sections, layers=args.layers, steps=args.steps, threads=args.threads, device=args.device, save=args.save)
+    quick: dict[str, Any] = {"peak_sizes": CUDA_PEAK_SIZES} if args.device == "cuda" else {}
+    if args.quick:
+        quick |= {"shape_sets": ("smollm2-135m",), "peer_layers": 1, "peak_sizes": (1024,), "rounds": 2}
+    collect(
+        sections,
+        layers=args.layers,
+        steps=args.steps,
+        threads=args.threads,
+        device=args.device,
+        save=args.save,
+        **(
+            {
+                "shape_sets": shape_sets,
+                "rounds": args.rounds,
+                "peer_layers": args.peer_layers,
+                "ns_dtypes": tuple(d.strip() for d in args.ns_dtypes.split(",") if d.strip()),
+            }
+            | quick
+        ),
+    )
 
 
 if __name__ == "__main__":

@@ -148,8 +148,8 @@ def main() -> None:
     dense = LlamaForCausalLM(LlamaConfig(**CONFIG))
     initial = copy.deepcopy(dense)
     sharded = shard(copy.deepcopy(dense), mesh)
-    opt_dense = ROOT(param_groups(dense), lr=0.02, process_group=None)
-    opt_sharded = ROOT(param_groups(sharded), lr=0.02)
+    opt_dense = ROOT(param_groups(dense), lr=0.02, process_group=None, ns_dtype="float32")
+    opt_sharded = ROOT(param_groups(sharded), lr=0.02, ns_dtype="float32")
     g = torch.Generator().manual_seed(1)
     data = [torch.randint(0, CONFIG["vocab_size"], (4, 12), generator=g) for _ in range(5)]
 
@@ -174,7 +174,7 @@ def main() -> None:
         checkpoint_id=ckpt,
     )
     restored = shard(copy.deepcopy(initial), mesh)
-    opt_restored = ROOT(param_groups(restored), lr=0.02)
+    opt_restored = ROOT(param_groups(restored), lr=0.02, ns_dtype="float32")
     state = {"model": get_model_state_dict(restored), "optim": get_optimizer_state_dict(restored, opt_restored)}
     dcp.load(state, checkpoint_id=ckpt)
     set_model_state_dict(restored, state["model"])

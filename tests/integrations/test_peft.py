@@ -248,7 +248,8 @@ def test_first_step_bounds_the_change_of_the_adapted_layer_output(make_model):
     b, a = q.lora_B.default.weight.detach(), q.lora_A.default.weight.detach()
     band = schedule_band(get_schedule(DEFAULT_SCHEDULE, b.shape, 5))[1]
     spectral_bound = lr * adjusted_lr_ratio("match_rms_adamw", b.shape) * band
-    assert float(torch.linalg.matrix_norm(b, 2)) <= spectral_bound * (1 + 1e-5)
+    # the band is exact arithmetic; the default NS dtype is bf16 on CUDA and on bf16-native CPUs (rounding 2**-8)
+    assert float(torch.linalg.matrix_norm(b, 2)) <= spectral_bound * (1 + 2**-7)
     dy = (y1 - y0).flatten(0, -2)
     ax = x.flatten(0, -2) @ a.T
     assert float(dy.norm()) <= (ALPHA / R) * spectral_bound * float(ax.norm()) * (1 + 1e-5)
@@ -278,7 +279,8 @@ def test_warmup_makes_the_first_step_a_no_op_and_scales_the_first_b_update(make_
     b = _q_proj(model).lora_B.default.weight.detach()
     band = schedule_band(get_schedule(DEFAULT_SCHEDULE, b.shape, 5))[1]
     bound = lr / warmup * adjusted_lr_ratio("match_rms_adamw", b.shape) * band
-    assert 0 < float(torch.linalg.matrix_norm(b, 2)) <= bound * (1 + 1e-5)
+    # the band is exact arithmetic; the default NS dtype is bf16 on CUDA and on bf16-native CPUs (rounding 2**-8)
+    assert 0 < float(torch.linalg.matrix_norm(b, 2)) <= bound * (1 + 2**-7)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from root_hf.optim.clip import QUANTILE_SAMPLE_SIZE, quantile_threshold, soft_threshold_clip_
+from root_hf.optim.clip import QUANTILE_SAMPLE_SIZE, _sample_indices, quantile_threshold, soft_threshold_clip_
 
 
 @pytest.mark.parametrize("q", [0.5, 0.8, 0.9, 0.99, 1.0])
@@ -70,3 +70,70 @@ def test_threshold_is_scale_equivariant():
     """Loss scaling and gradient accumulation multiply U by a constant: eps follows, the direction is unchanged."""
     u = torch.randn(2, 64, 64, dtype=torch.float64)
     torch.testing.assert_close(quantile_threshold(1024.0 * u, 0.9), 1024.0 * quantile_threshold(u, 0.9))
+
+
+def test_sample_is_built_in_o_sample_time_and_memory_for_a_70b_class_matrix():
+    """An 8192 x 28672 matrix (a 70B-class MLP): the sample costs what its size costs, not a permutation of 235M."""
+    import time
+
+    from root_hf.optim.clip import _sample_cache
+
+    numel = 8192 * 28672
+    _sample_cache.clear()
+    start = time.perf_counter()
+    idx = _sample_indices(numel, QUANTILE_SAMPLE_SIZE, torch.device("cpu"))
+    elapsed = time.perf_counter() - start
+    assert idx.shape == (QUANTILE_SAMPLE_SIZE,)
+    assert int(idx.min()) >= 0 and int(idx.max()) < numel
+    assert torch.equal(idx, idx.sort().values)
+    # generous bound (a randperm of all entries took 57 s): a loaded machine must not make this flaky
+    assert elapsed < 5.0
+
+
+def test_sample_is_identical_in_a_fresh_process():
+    """Every rank and every resumed run draws the same indices: the sample depends on the size alone."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch; from root_hf.optim.clip import _sample_indices; "
+        "torch.manual_seed(123); "
+        "print(int(_sample_indices(1000003, 4096, torch.device('cpu')).sum()))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert int(out.stdout) == int(_sample_indices(1000003, 4096, torch.device("cpu")).sum())
+
+
+@pytest.mark.parametrize("placement", range(20))
+def test_very_sparse_matrix_is_never_clipped_to_zero(placement):
+    """50 non-zeros in 2048 x 2048: the sample usually holds none; the threshold must still keep them."""
+    g = torch.Generator().manual_seed(placement)
+    u = torch.zeros(1, 2048, 2048)
+    idx = torch.randint(u.numel(), (50,), generator=g)
+    u.view(-1)[idx] = torch.randn(50, generator=g)
+    nonzero = u[u != 0].abs()
+    eps = quantile_threshold(u, 0.9)
+    assert eps.item() > 0
+    soft_threshold_clip_(u, 0.9)
+    assert int((u != 0).sum()) == nonzero.numel()
+
+
+def test_sample_without_nonzeros_falls_back_to_the_exact_nonzero_quantile():
+    u = torch.zeros(1, 2048, 2048)
+    sample = set(_sample_indices(u.numel(), QUANTILE_SAMPLE_SIZE, torch.device("cpu")).tolist())
+    idx = torch.tensor([i for i in range(0, u.numel(), 9973) if i not in sample][:50])
+    u.view(-1)[idx] = torch.linspace(1, 50, 50)
+    torch.testing.assert_close(quantile_threshold(u, 0.9), torch.quantile(torch.linspace(1, 50, 50), 0.9).reshape(1))
+
+
+def test_very_sparse_gradient_gives_a_nonzero_root_update():
+    from root_hf import ROOT
+
+    for placement in range(20):
+        g = torch.Generator().manual_seed(placement)
+        w = torch.nn.Parameter(torch.zeros(2048, 2048))
+        grad = torch.zeros(2048, 2048)
+        grad.view(-1)[torch.randint(grad.numel(), (50,), generator=g)] = torch.randn(50, generator=g)
+        w.grad = grad
+        ROOT([w], lr=0.01, weight_decay=0.0, ns_steps=0).step()  # the clipped momentum itself
+        assert w.detach().abs().max() > 0, placement

@@ -95,7 +95,6 @@ def test_output_dtype_defaults_to_input_dtype():
 @pytest.mark.parametrize(
     "ns_dtype,device,expected",
     [
-        ("auto", "cpu", torch.float32),
         ("auto", "cuda", torch.bfloat16),
         ("bfloat16", "cpu", torch.bfloat16),
         (torch.float16, "cpu", torch.float16),
@@ -103,6 +102,33 @@ def test_output_dtype_defaults_to_input_dtype():
 )
 def test_ns_dtype_resolution(ns_dtype, device, expected):
     assert resolve_ns_dtype(ns_dtype, torch.device(device)) == expected
+
+
+@pytest.mark.parametrize("native_bf16,expected", [(True, torch.bfloat16), (False, torch.float32)])
+def test_auto_ns_dtype_on_cpu_is_bfloat16_only_with_native_bfloat16_matmul(monkeypatch, native_bf16, expected):
+    import sys
+
+    monkeypatch.setattr(sys.modules[resolve_ns_dtype.__module__], "cpu_has_native_bf16", lambda: native_bf16)
+    assert resolve_ns_dtype("auto", torch.device("cpu")) == expected
+    assert resolve_ns_dtype("auto", torch.device("cpu"), torch.bfloat16) == expected
+    assert resolve_ns_dtype("auto", torch.device("cpu"), torch.float64) == torch.float64
+
+
+@pytest.mark.parametrize(
+    "cpuinfo,expected",
+    [
+        ("processor : 0\nflags : fpu sse avx512f avx512_bf16 amx_tile\n", True),
+        ("flags\t\t: fpu avx2 amx_bf16\n", True),
+        ("Features : fp asimd bf16 i8mm\n", True),
+        ("flags : fpu sse avx2 avx512f\n", False),
+        ("model name : AMD EPYC avx512_bf16\n", False),  # a flag only counts on a flags / Features line
+        ("", False),
+    ],
+)
+def test_native_bfloat16_is_read_from_the_cpu_feature_flags(cpuinfo, expected):
+    import sys
+
+    assert sys.modules[resolve_ns_dtype.__module__]._has_bf16_flag(cpuinfo) is expected
 
 
 def test_auto_ns_dtype_keeps_float64_input_in_float64():
