@@ -3,8 +3,6 @@
 import ast
 from pathlib import Path
 
-import pytest
-
 import root_hf
 
 PACKAGE = Path(root_hf.__file__).parent
@@ -60,10 +58,6 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return cycles
 
 
-@pytest.mark.xfail(
-    reason="root_hf.integrations._registration <-> root_hf.integrations.transformers (owned by the entry redesign)",
-    strict=False,
-)
 def test_root_hf_has_no_import_cycles():
     assert _cycles(import_graph()) == []
 
