@@ -386,18 +386,31 @@ def _prefix(levels: Sequence[int], x: torch.Tensor, stop: int) -> torch.Tensor:
 
 
 def _coordinate_descent(levels: list[int], x, w, segments, ref) -> tuple[list[int], float]:
+    """Scan each step's level over the grid in turn, others fixed, until a sweep improves nothing (at most 8).
+
+    Two shortcuts leave the result unchanged: a scan whose inputs are those of its previous scan (no level changed
+    since) is skipped, since it would pick the same level again; the last step only scans the levels that keep the
+    band (`bound <= ADAPTIVE_BAND[1]`), the others being infeasible (objective infinite) anyway.
+    """
     n_steps = len(levels)
     grid = torch.arange(_N_RHO)
+    _, _, errs = _rho_grid()
+    last_grid = grid[(1.0 + errs) * (1.0 + ROUNDING_MARGIN) <= ADAPTIVE_BAND[1]]
     best = float(_objective(torch.tensor([levels]), x, w, segments, ref, 0, x)[0])
-    for _ in range(8):
+    last_change = -1  # index of the scan that last changed a level (-1: the start)
+    for sweep in range(8):
         improved = False
         for k in range(n_steps):
-            cand = torch.tensor(levels).repeat(_N_RHO, 1)
-            cand[:, k] = grid
+            scan = sweep * n_steps + k
+            if scan >= n_steps and last_change <= scan - n_steps:
+                continue  # nothing changed since this step's previous scan
+            levels_k = last_grid if k == n_steps - 1 else grid
+            cand = torch.tensor(levels).repeat(len(levels_k), 1)
+            cand[:, k] = levels_k
             values = _objective(cand, x, w, segments, ref, k, _prefix(levels, x, k))
             i = int(torch.argmin(values))
             if float(values[i]) < best:
-                best, levels, improved = float(values[i]), cand[i].tolist(), True
+                best, levels, improved, last_change = float(values[i]), cand[i].tolist(), True, scan
         if not improved:
             break
     return levels, best
