@@ -1,7 +1,7 @@
 """The ROOT optimizer: class, reference implementation and kernels.
 
-The functional API lives in `root_hf.optim.root` (`root`, `adamw`); it is not re-exported here so that
-`root_hf.optim.root` always names the module.
+The functional API lives in :mod:`root_hf.optim.root` (``root``, ``adamw``); it is not re-exported here so that
+``root_hf.optim.root`` always names the module.
 """
 
 from ..schedules import get_schedule, schedule_band
