@@ -164,6 +164,7 @@ def _marchenko_pastur_quantiles(beta: float, levels: torch.Tensor) -> torch.Tens
     return _interp(levels, cdf / cdf[-1], s)
 
 
+@functools.lru_cache(maxsize=16)
 def _gaussian_singular_values(m: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Singular values of m x n Gaussian matrices (m <= n), scaled to mean square 1, as weighted quantiles.
 
@@ -230,6 +231,8 @@ def _low_rank_singular_values(m: int, n: int, rank: int) -> torch.Tensor:
     `_LOW_RANK_SOLVE` is represented by `_LOW_RANK_SOLVE` singular values of the same aspect ratios
     (`rank / m`, `rank / n`), whose law they follow: small eigenvalue problems stay on the calling thread.
     """
+    if rank == 1:
+        return torch.ones(1, dtype=torch.float64)  # one singular value, scaled to mean square 1: exactly 1
     g = torch.Generator().manual_seed(1)
     if (m + n) * rank <= _LOW_RANK_BUDGET:
         r_a = torch.linalg.qr(torch.randn(m, rank, generator=g, dtype=torch.float64))[1]
