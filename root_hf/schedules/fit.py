@@ -364,16 +364,24 @@ def _objective_chunk(
     _, coeffs, errs = _rho_grid()
     n_cand, n_steps = levels.shape
     y = y0.expand(n_cand, -1)
-    if start == 0:
-        bound = torch.full((n_cand,), 1.0 + ROUNDING_MARGIN, dtype=torch.float64)
-    else:
-        bound = ((1.0 + errs[levels[:, start - 1]]) * (1.0 + ROUNDING_MARGIN)).to(torch.float64)
-    for k in range(start, n_steps):
-        abc = coeffs[levels[:, k]]
-        z = y / bound[:, None]
+    # Only step `start` differs between candidates: the steps after it use plain floats (the same IEEE operations).
+    fixed = levels[0].tolist()
+    margin = 1.0 + ROUNDING_MARGIN
+    bound = margin if start == 0 else (1.0 + float(errs[fixed[start - 1]])) * margin
+    abc = coeffs[levels[:, start]]
+    z = y / bound
+    z2 = z * z
+    y = z * (abc[:, 0:1] + z2 * (abc[:, 1:2] + abc[:, 2:3] * z2))
+    bound_c = (1.0 + errs[levels[:, start]]) * margin  # per candidate
+    for k in range(start + 1, n_steps):
+        a, b, c = (float(v) for v in coeffs[fixed[k]])
+        z = y / (bound_c[:, None] if k == start + 1 else bound)
         z2 = z * z
-        y = z * (abc[:, 0:1] + z2 * (abc[:, 1:2] + abc[:, 2:3] * z2))
-        bound = (1.0 + errs[levels[:, k]]) * (1.0 + ROUNDING_MARGIN)
+        y = z * (a + z2 * (b + c * z2))
+        bound = (1.0 + float(errs[fixed[k]])) * margin
+    if start < n_steps - 1:
+        bound_c = torch.full((n_cand,), bound, dtype=torch.float64)
+    bound = bound_c
     sq = (y - 1.0) ** 2 * w
     fam_err = torch.stack([sq[:, lo:hi].sum(dim=1) for lo, hi in segments], dim=1).sqrt()  # (C, F)
     ratio = fam_err / ref
