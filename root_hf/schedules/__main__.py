@@ -2,23 +2,23 @@
 
 Print schedules, their band and their predicted errors for given shapes:
 
-``
+```
 python -m root_hf.schedules show 2048x8192 16x4096 --compare
-``
+```
 
 Resolve the adaptive schedule of every matrix ROOT orthogonalizes in a model, LoRA factors included, and time the fits
 of shapes missing from the shipped table:
 
-``
+```
 python -m root_hf.schedules model path/to/config.json --lora-r 8 16
-``
+```
 
 Regenerate the shipped table (to a file you name, or to stdout), or check it against a fresh fit:
 
-``
+```
 python -m root_hf.schedules table --out root_hf/schedules/table.py
 python -m root_hf.schedules table --check
-``
+```
 
 The model shape data (`MODEL_DIMS`, `LORA_RANKS`) that defines the table's shapes lives here, not in the library.
 """
@@ -80,7 +80,17 @@ _SHOWN = ("gaussian", "low-rank", "power-1")
 
 
 def parse_shape(text: str) -> tuple[int, int]:
-    """`"2048x8192"` (or `"2048,8192"`) -> `(2048, 8192)`."""
+    """Parse a shape written as `"2048x8192"` (or `"2048,8192"`).
+
+    Args:
+        text: two positive integers joined by `x` or `,`.
+
+    Returns:
+        `(rows, cols)`.
+
+    Raises:
+        ValueError: naming the text and the expected form.
+    """
     parts = text.lower().replace(",", "x").split("x")
     if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
         raise ValueError(f"Invalid shape: {text!r}. Must be two positive integers like '2048x8192'.")
@@ -88,7 +98,18 @@ def parse_shape(text: str) -> tuple[int, int]:
 
 
 def layer_shapes(hidden: int, intermediate: int, heads: int, kv_heads: int, head_dim: int) -> dict[str, tuple]:
-    """`(out, in)` of one decoder layer's matrices, with the fused QKV and gate-up variants some models use."""
+    """The `(out, in)` shapes of one decoder layer's matrices, with the fused QKV and gate-up variants.
+
+    Args:
+        hidden: hidden size.
+        intermediate: MLP intermediate size.
+        heads: attention heads.
+        kv_heads: key/value heads.
+        head_dim: dimension per head.
+
+    Returns:
+        Module name (`q_proj`, ..., `qkv_proj`, `gate_up_proj`) -> `(out, in)`.
+    """
     q, kv = heads * head_dim, kv_heads * head_dim
     return {
         "q_proj": (q, hidden),
@@ -109,7 +130,11 @@ def _lora_shapes(shape: tuple[int, int], ranks: Sequence[int]) -> list[tuple[int
 
 
 def table_shapes() -> list[tuple[int, int]]:
-    """Every shape key `(min, max)` of the shipped table: `MODEL_DIMS` layers and their LoRA factors."""
+    """Every shape key of the shipped table: the layers of `MODEL_DIMS` and their LoRA factors of `LORA_RANKS`.
+
+    Returns:
+        Sorted `(min dim, max dim)` keys.
+    """
     keys = set()
     for dims in MODEL_DIMS.values():
         for shape in layer_shapes(*dims).values():
@@ -147,6 +172,12 @@ def config_matrix_shapes(path: str | Path, use_transformers: bool = True) -> dic
     Args:
         path: a `config.json` file or a directory holding one.
         use_transformers: build the model with transformers when it is installed (default: True).
+
+    Returns:
+        Shape key `(min dim, max dim)` -> names of the parameters of that shape.
+
+    Raises:
+        ValueError: if `path` holds no `config.json` or the config lacks the keys needed.
     """
     path = Path(path)
     file = path / "config.json" if path.is_dir() else path

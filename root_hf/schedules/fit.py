@@ -164,6 +164,7 @@ def _marchenko_pastur_quantiles(beta: float, levels: torch.Tensor) -> torch.Tens
     return _interp(levels, cdf / cdf[-1], s)
 
 
+@functools.lru_cache(maxsize=16)
 def _gaussian_singular_values(m: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Singular values of m x n Gaussian matrices (m <= n), scaled to mean square 1, as weighted quantiles.
 
@@ -230,6 +231,8 @@ def _low_rank_singular_values(m: int, n: int, rank: int) -> torch.Tensor:
     `_LOW_RANK_SOLVE` is represented by `_LOW_RANK_SOLVE` singular values of the same aspect ratios
     (`rank / m`, `rank / n`), whose law they follow: small eigenvalue problems stay on the calling thread.
     """
+    if rank == 1:
+        return torch.ones(1, dtype=torch.float64)  # one singular value, scaled to mean square 1: exactly 1
     g = torch.Generator().manual_seed(1)
     if (m + n) * rank <= _LOW_RANK_BUDGET:
         r_a = torch.linalg.qr(torch.randn(m, rank, generator=g, dtype=torch.float64))[1]
@@ -361,16 +364,24 @@ def _objective_chunk(
     _, coeffs, errs = _rho_grid()
     n_cand, n_steps = levels.shape
     y = y0.expand(n_cand, -1)
-    if start == 0:
-        bound = torch.full((n_cand,), 1.0 + ROUNDING_MARGIN, dtype=torch.float64)
-    else:
-        bound = ((1.0 + errs[levels[:, start - 1]]) * (1.0 + ROUNDING_MARGIN)).to(torch.float64)
-    for k in range(start, n_steps):
-        abc = coeffs[levels[:, k]]
-        z = y / bound[:, None]
+    # Only step `start` differs between candidates: the steps after it use plain floats (the same IEEE operations).
+    fixed = levels[0].tolist()
+    margin = 1.0 + ROUNDING_MARGIN
+    bound = margin if start == 0 else (1.0 + float(errs[fixed[start - 1]])) * margin
+    abc = coeffs[levels[:, start]]
+    z = y / bound
+    z2 = z * z
+    y = z * (abc[:, 0:1] + z2 * (abc[:, 1:2] + abc[:, 2:3] * z2))
+    bound_c = (1.0 + errs[levels[:, start]]) * margin  # per candidate
+    for k in range(start + 1, n_steps):
+        a, b, c = (float(v) for v in coeffs[fixed[k]])
+        z = y / (bound_c[:, None] if k == start + 1 else bound)
         z2 = z * z
-        y = z * (abc[:, 0:1] + z2 * (abc[:, 1:2] + abc[:, 2:3] * z2))
-        bound = (1.0 + errs[levels[:, k]]) * (1.0 + ROUNDING_MARGIN)
+        y = z * (a + z2 * (b + c * z2))
+        bound = (1.0 + float(errs[fixed[k]])) * margin
+    if start < n_steps - 1:
+        bound_c = torch.full((n_cand,), bound, dtype=torch.float64)
+    bound = bound_c
     sq = (y - 1.0) ** 2 * w
     fam_err = torch.stack([sq[:, lo:hi].sum(dim=1) for lo, hi in segments], dim=1).sqrt()  # (C, F)
     ratio = fam_err / ref
@@ -386,18 +397,31 @@ def _prefix(levels: Sequence[int], x: torch.Tensor, stop: int) -> torch.Tensor:
 
 
 def _coordinate_descent(levels: list[int], x, w, segments, ref) -> tuple[list[int], float]:
+    """Scan each step's level over the grid in turn, others fixed, until a sweep improves nothing (at most 8).
+
+    Two shortcuts leave the result unchanged: a scan whose inputs are those of its previous scan (no level changed
+    since) is skipped, since it would pick the same level again; the last step only scans the levels that keep the
+    band (`bound <= ADAPTIVE_BAND[1]`), the others being infeasible (objective infinite) anyway.
+    """
     n_steps = len(levels)
     grid = torch.arange(_N_RHO)
+    _, _, errs = _rho_grid()
+    last_grid = grid[(1.0 + errs) * (1.0 + ROUNDING_MARGIN) <= ADAPTIVE_BAND[1]]
     best = float(_objective(torch.tensor([levels]), x, w, segments, ref, 0, x)[0])
-    for _ in range(8):
+    last_change = -1  # index of the scan that last changed a level (-1: the start)
+    for sweep in range(8):
         improved = False
         for k in range(n_steps):
-            cand = torch.tensor(levels).repeat(_N_RHO, 1)
-            cand[:, k] = grid
+            scan = sweep * n_steps + k
+            if scan >= n_steps and last_change <= scan - n_steps:
+                continue  # nothing changed since this step's previous scan
+            levels_k = last_grid if k == n_steps - 1 else grid
+            cand = torch.tensor(levels).repeat(len(levels_k), 1)
+            cand[:, k] = levels_k
             values = _objective(cand, x, w, segments, ref, k, _prefix(levels, x, k))
             i = int(torch.argmin(values))
             if float(values[i]) < best:
-                best, levels, improved = float(values[i]), cand[i].tolist(), True
+                best, levels, improved, last_change = float(values[i]), cand[i].tolist(), True, scan
         if not improved:
             break
     return levels, best
