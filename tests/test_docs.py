@@ -75,7 +75,9 @@ def test_griffe_extension_rewrites_leftover_sphinx_markup():
     spec = importlib.util.spec_from_file_location("griffe_google", ROOT_DIR / "docs" / "_ext" / "griffe_google.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    text = "Uses :class:`~root_hf.ROOT`, :func:`f`, ``x``, :math:`a^2`.\n\n.. math::\n\n    y = x\n\nExample:\n    >>> 1"  # noqa: E501
+    text = (
+        "Uses :class:`~root_hf.ROOT`, :func:`f`, ``x``, :math:`a^2`.\n\n.. math::\n\n    y = x\n\nExample:\n    >>> 1"
+    )
     assert module.google_markdown(text) == "Uses `ROOT`, `f`, `x`, $a^2$.\n\n$$\ny = x\n$$\n\nExamples:\n    >>> 1"
 
 
