@@ -1,12 +1,12 @@
-"""Hugging Face integration: ``optim="root"`` for ``Trainer`` / TRL, parameter routing and live diagnostics.
+"""Hugging Face integration: `optim="root"` for `Trainer` / TRL, parameter routing and live diagnostics.
 
-Importing this package is light (standard library only); the modules that need ``transformers`` load on first access
+Importing this package is light (standard library only); the modules that need `transformers` load on first access
 of the names below.
 
-- :mod:`.transformers`: registration, the ``Trainer`` handler, ``optim_args`` parsing, ``RootTrainer`` /
-  ``RootTrainerMixin``, ``create_root_optimizer`` and ``RootOptimizerFactory``.
-- :mod:`.routing`: which parameter goes to which branch (by name and role; PEFT-aware). Needs only torch.
-- :mod:`.callbacks`: ``RootDiagnosticsCallback``, ROOT's statistics in the ``Trainer`` logs.
+- `transformers`: registration, the `Trainer` handler, `optim_args` parsing, `RootTrainer` /
+  `RootTrainerMixin`, `create_root_optimizer` and `RootOptimizerFactory`.
+- `routing`: which parameter goes to which branch (by name and role; PEFT-aware). Needs only torch.
+- `callbacks`: `RootDiagnosticsCallback`, ROOT's statistics in the `Trainer` logs.
 """
 
 from __future__ import annotations

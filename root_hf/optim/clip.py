@@ -58,15 +58,15 @@ def _quantile_of_sorted(values: torch.Tensor, q: float) -> torch.Tensor:
 
 
 def quantile_threshold(u: torch.Tensor, q: float, sample_size: int = QUANTILE_SAMPLE_SIZE) -> torch.Tensor:
-    """Per-matrix threshold ``eps = Quantile_q(|U|)`` for a batch of matrices.
+    """Per-matrix threshold `eps = Quantile_q(|U|)` for a batch of matrices.
 
     Args:
-        u: tensor of shape ``(batch, ...)``; each leading slice is one matrix.
-        q: quantile level in ``(0, 1]``.
+        u: tensor of shape `(batch, ...)`; each leading slice is one matrix.
+        q: quantile level in `(0, 1]`.
         sample_size: matrices with more entries than this use a fixed pseudo-random sample of this many entries.
 
     Returns:
-        Tensor of shape ``(batch,)`` in ``u``'s dtype, linearly interpolated like ``torch.quantile``.
+        Tensor of shape `(batch,)` in `u`'s dtype, linearly interpolated like `torch.quantile`.
     """
     flat = u.reshape(u.shape[0], -1)
     numel = flat.shape[1]
@@ -100,9 +100,9 @@ def quantile_threshold(u: torch.Tensor, q: float, sample_size: int = QUANTILE_SA
 
 
 def soft_threshold_clip_(u: torch.Tensor, q: float, sample_size: int = QUANTILE_SAMPLE_SIZE) -> torch.Tensor:
-    """Replace each matrix of the batch ``u`` by its robust part ``B = U - O = clamp(U, -eps, eps)``, in place.
+    """Replace each matrix of the batch `u` by its robust part `B = U - O = clamp(U, -eps, eps)`, in place.
 
-    Returns the per-matrix thresholds ``eps`` (shape ``(batch,)``).
+    Returns the per-matrix thresholds `eps` (shape `(batch,)`).
     """
     eps = quantile_threshold(u, q, sample_size)
     bound = eps.view(-1, *([1] * (u.dim() - 1)))

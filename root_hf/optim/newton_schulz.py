@@ -1,4 +1,4 @@
-"""Newton-Schulz orthogonalization: ``G -> approximately U V^T`` for ``G = U S V^T``, batched over leading dims."""
+"""Newton-Schulz orthogonalization: `G -> approximately U V^T` for `G = U S V^T`, batched over leading dims."""
 
 from __future__ import annotations
 
@@ -75,18 +75,18 @@ def _has_bf16_flag(cpuinfo: str) -> bool:
 
 
 def newton_schulz(x: torch.Tensor, schedule: Schedule) -> torch.Tensor:
-    """Run the quintic iterations of ``schedule`` on ``x`` of shape ``(batch, m, n)`` or ``(m, n)``, normalized.
+    """Run the quintic iterations of `schedule` on `x` of shape `(batch, m, n)` or `(m, n)`, normalized.
 
-    ``x`` may be overwritten. Each step is ``X <- a X + (b A + c A^2) X`` with ``A = X X^T``, the Gram matrix on the
-    short side. A tall matrix (``m > n``) is iterated as its transpose, the same map, and comes back as a transposed
-    view, except in float32 / float64 when ``x`` is contiguous, where the map is computed as
-    ``X <- a X + X (b A + c A^2)`` with ``A = X^T X``. Why: on CPU, bfloat16 GEMMs with a transposed left operand
-    (``X^T X``) run about 3x slower than the wide form (222 ms vs 79 ms for 5 steps on 12 x 1536 x 576, transpose copy
+    `x` may be overwritten. Each step is `X <- a X + (b A + c A^2) X` with `A = X X^T`, the Gram matrix on the
+    short side. A tall matrix (`m > n`) is iterated as its transpose, the same map, and comes back as a transposed
+    view, except in float32 / float64 when `x` is contiguous, where the map is computed as
+    `X <- a X + X (b A + c A^2)` with `A = X^T X`. Why: on CPU, bfloat16 GEMMs with a transposed left operand
+    (`X^T X`) run about 3x slower than the wide form (222 ms vs 79 ms for 5 steps on 12 x 1536 x 576, transpose copy
     included), while float32 GEMMs are layout-insensitive and the tall form saves the copy.
 
     The Gram matrix, the polynomial and the iterate live in buffers allocated once per call (fresh large buffers at
-    every step cost 10-20% of the bfloat16 iteration on CPU). A batch of one runs as plain 2-D GEMMs: CPU ``bmm``
-    parallelizes over the batch, and a single 2048 x 5440 matrix took 374 ms as a batch of one vs 264 ms as ``mm``.
+    every step cost 10-20% of the bfloat16 iteration on CPU). A batch of one runs as plain 2-D GEMMs: CPU `bmm`
+    parallelizes over the batch, and a single 2048 x 5440 matrix took 374 ms as a batch of one vs 264 ms as `mm`.
     """
     tall = x.shape[-2] > x.shape[-1]
     if tall and (x.dtype in (torch.bfloat16, torch.float16) or x.mT.is_contiguous()):
@@ -123,26 +123,26 @@ def orthogonalize(
     ns_dtype: NsDtype = "auto",
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    r"""Approximate the polar factor :math:`U V^\top` of each matrix in ``G`` by Newton-Schulz iteration.
+    r"""Approximate the polar factor $U V^\top$ of each matrix in `G` by Newton-Schulz iteration.
 
-    ``X_0 = G / (||G||_F + eps)`` puts every singular value in ``[0, 1]``; then ``ns_steps`` quintic steps with the
+    `X_0 = G / (||G||_F + eps)` puts every singular value in `[0, 1]`; then `ns_steps` quintic steps with the
     coefficient schedule chosen for the matrix shape push them towards 1. Tensors with more than 2 dims are batches of
-    matrices over the leading dims (use ``G.reshape(G.shape[0], -1)`` first for a conv weight).
+    matrices over the leading dims (use `G.reshape(G.shape[0], -1)` first for a conv weight).
 
     Args:
-        G: tensor of shape ``(..., m, n)``.
-        ns_coefficients: schedule name, one ``(a, b, c)`` triple, or one triple per step (default: the package
+        G: tensor of shape `(..., m, n)`.
+        ns_coefficients: schedule name, one `(a, b, c)` triple, or one triple per step (default: the package
             default schedule).
-        ns_steps: number of Newton-Schulz steps (default: 5). ``0`` returns the normalized input.
-        eps: added to the Frobenius norm before dividing (default: 1e-7, as ``torch.optim.Muon``).
-        ns_dtype: dtype of the iteration: ``"auto"`` (float64 for float64 input, else bfloat16 on CUDA and on CPUs
+        ns_steps: number of Newton-Schulz steps (default: 5). `0` returns the normalized input.
+        eps: added to the Frobenius norm before dividing (default: 1e-7, as `torch.optim.Muon`).
+        ns_dtype: dtype of the iteration: `"auto"` (float64 for float64 input, else bfloat16 on CUDA and on CPUs
             with native bfloat16 matmul, else float32),
-            ``"float32"``, ``"bfloat16"``, ``"float16"``, ``"float64"`` or a ``torch.dtype``. The norm is always taken
+            `"float32"`, `"bfloat16"`, `"float16"`, `"float64"` or a `torch.dtype`. The norm is always taken
             in float32 or wider.
-        out_dtype: dtype of the result (default: ``G.dtype``).
+        out_dtype: dtype of the result (default: `G.dtype`).
 
     Returns:
-        Tensor of the shape of ``G``. An all-zero matrix returns all zeros.
+        Tensor of the shape of `G`. An all-zero matrix returns all zeros.
 
     Example:
         >>> G = torch.randn(64, 256)

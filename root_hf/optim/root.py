@@ -131,8 +131,9 @@ class ROOT(Optimizer):
             one triple per step. Explicit coefficients whose composition leaves the safe band [0, 1.21] are refused.
         eps: $\varepsilon$, added to $\lVert B_t \rVert_F$ before normalizing.
         adjust_lr_fn: `"match_rms_adamw"` ($0.2\sqrt{\max(m, n)}$), `"original"` ($\sqrt{\max(1, m/n)}$) or None (1).
-        ns_dtype: dtype of the Newton-Schulz iteration: `"auto"` (bfloat16 on CUDA, float32 on CPU), `"float32"`,
-            `"bfloat16"`, `"float16"`, `"float64"`.
+        ns_dtype: dtype of the Newton-Schulz iteration: `"auto"` (float64 for float64 params; else bfloat16 on CUDA
+            and on CPUs with native bfloat16 matmul, float32 on other CPUs), `"float32"`, `"bfloat16"`, `"float16"`,
+            `"float64"`.
         betas: AdamW branch $(\beta_1, \beta_2)$.
         adamw_eps: AdamW branch epsilon.
         nonfinite_grads: what a step does when a gradient holds inf or NaN: `"raise"` a `FloatingPointError`, `"skip"`
