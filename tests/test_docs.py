@@ -76,7 +76,7 @@ def test_griffe_extension_rewrites_leftover_sphinx_markup():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     text = (
-        "Uses :class:`~root_hf.ROOT`, :func:`f`, ``x``, :math:`a^2`.\n\n.. math::\n\n    y = x\n\nExample:\n    >>> 1"  # noqa: E501
+        "Uses :class:`~root_hf.ROOT`, :func:`f`, ``x``, :math:`a^2`.\n\n.. math::\n\n    y = x\n\nExample:\n    >>> 1"
     )
     assert module.google_markdown(text) == "Uses `ROOT`, `f`, `x`, $a^2$.\n\n$$\ny = x\n$$\n\nExamples:\n    >>> 1"
 

@@ -286,7 +286,8 @@ HYPERPARAMS: dict[str, Hyperparam] = {
             _ns_dtype,
             _text_choice(("auto", *NS_DTYPES)),
             f"one of auto, {', '.join(NS_DTYPES)} or that torch.dtype",
-            "dtype of the Newton-Schulz iteration (auto: bfloat16 on CUDA and on CPUs with native bfloat16 matmul, else float32)",
+            "dtype of the Newton-Schulz iteration (auto: bfloat16 on CUDA and on CPUs with native bfloat16 matmul, "
+            "else float32)",
         ),
         Hyperparam("betas", (0.9, 0.95), _betas, None, "two floats in [0, 1)", "AdamW branch (beta1, beta2)"),
         Hyperparam("adamw_eps", 1e-8, _NONNEG, _text_number(_NONNEG), "a finite float >= 0", "AdamW branch epsilon"),
