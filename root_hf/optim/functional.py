@@ -34,6 +34,12 @@ __all__ = ["AdjustLrFn", "adamw", "adjusted_lr_ratio", "root"]
 
 AdjustLrFn = Literal["match_rms_adamw", "original"] | None
 _HALF = (torch.float16, torch.bfloat16)
+# Largest batch of same-shape matrices clipped and orthogonalized in one call, in elements (an entry larger than this,
+# e.g. a whole fused expert tensor, still runs, alone). The batch's U_t, its NS-dtype copy and the NS work buffers are
+# the step's temporary memory. Measured on 6 SmolLM2-135M layers, bf16 NS, 1 thread (benchmarks/step_time.py
+# --sections temp-memory; torch.optim.Muon, one matrix at a time: 8.5 MiB): whole buckets 117 MiB; 2**22 46 MiB at the
+# same speed; 2**20 11.8 MiB (1.41x Muon) but a 1.34x slower step at 2 threads. 2**22 keeps the speed.
+MAX_BATCH_ELEMENTS = 2**22
 
 
 def adjusted_lr_ratio(adjust_lr_fn: AdjustLrFn, shape: Iterable[int]) -> float:
@@ -250,7 +256,7 @@ class _Step:
             for blk in v.blocks:
                 if v.batch * blk.shape[0] * blk.shape[1] > 0:  # zero-size matrices: nothing to do
                     buckets[blk.shape].append((j, blk))
-        for (m, n), entries in buckets.items():
+        for (m, n), entries in _chunks(buckets, views):
             u = torch.empty(
                 (sum(views[j].batch for j, _ in entries), m, n), dtype=self.work_dtype, device=b_loc[0].device
             )
@@ -349,6 +355,24 @@ class _Step:
                 hi = min(blk.rows.stop if blk.rows.stop is not None else shapes[i][0], start + x.shape[0]) - start
                 if hi > lo:
                     p2[lo:hi, blk.cols].add_(x[lo:hi, blk.cols], alpha=self._alpha(blk.shape))
+
+
+def _chunks(
+    buckets: dict[tuple[int, int], list[tuple[int, Block]]], views: list[ParamView]
+) -> Iterable[tuple[tuple[int, int], list[tuple[int, Block]]]]:
+    """Each bucket cut into consecutive runs of at most `MAX_BATCH_ELEMENTS` elements (at least one entry each)."""
+    for (m, n), entries in buckets.items():
+        run: list[tuple[int, Block]] = []
+        size = 0
+        for j, blk in entries:
+            elements = views[j].batch * m * n
+            if run and size + elements > MAX_BATCH_ELEMENTS:
+                yield (m, n), run
+                run, size = [], 0
+            run.append((j, blk))
+            size += elements
+        if run:
+            yield (m, n), run
 
 
 def _whole(shape: tuple[int, int]) -> Block:

@@ -193,3 +193,29 @@ def test_algorithm_page_examples_run():
     from tests.utils import run_markdown_examples
 
     run_markdown_examples(Path(__file__).parents[2] / "docs" / "algorithm.md")
+
+
+@pytest.mark.parametrize("limit", [1, 2 * 16 * 8])
+def test_bucket_cut_into_batches_equals_one_batch(monkeypatch, limit):
+    """A same-shape bucket cut into smaller batches (the temporary-memory cap) gives the same step as one batch."""
+    from root_hf.optim import functional
+
+    torch.manual_seed(0)
+    shapes = [(16, 8)] * 5 + [(3, 16, 8), (8, 16)]
+    params = [torch.nn.Parameter(torch.randn(s, dtype=torch.float64)) for s in shapes]
+    grads = [torch.randn(s, dtype=torch.float64) for s in shapes]
+    whole, cut = clone_params(params), clone_params(params)
+    opt_whole, opt_cut = (
+        ROOT([{"params": ps[:5] + ps[6:]}, {"params": [ps[5]], "matrix_view": "batched"}], lr=0.1)
+        for ps in (whole, cut)
+    )
+    for _ in range(2):
+        for ps in (whole, cut):
+            for p, g in zip(ps, grads, strict=True):
+                p.grad = g.clone()
+        opt_whole.step()
+        monkeypatch.setattr(functional, "MAX_BATCH_ELEMENTS", limit)
+        opt_cut.step()
+        monkeypatch.undo()
+    for a, b in zip(whole, cut, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
