@@ -96,8 +96,8 @@ def run_moe(mesh, rank: int, world: int, counting, original) -> tuple[float, int
     torch.manual_seed(0)
     dense = Qwen3MoeForCausalLM(Qwen3MoeConfig(**MOE_CONFIG))
     sharded = shard(copy.deepcopy(dense), mesh)
-    opt_dense = ROOT(moe_param_groups(dense), lr=0.02, process_group=None)
-    opt_sharded = ROOT(moe_param_groups(sharded), lr=0.02)
+    opt_dense = ROOT(moe_param_groups(dense), lr=0.02, process_group=None, ns_dtype="float32")
+    opt_sharded = ROOT(moe_param_groups(sharded), lr=0.02, ns_dtype="float32")
     g = torch.Generator().manual_seed(2)
     before = counting.matrices
     for ids in [torch.randint(0, MOE_CONFIG["vocab_size"], (4, 12), generator=g) for _ in range(3)]:
