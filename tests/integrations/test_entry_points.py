@@ -74,6 +74,11 @@ def main():
     if training_args.process_index == 0:
         with open(f"{training_args.output_dir}/summary.json", "w") as f:
             json.dump(summary, f)
+    # Close the process group before exit, as accelerate's end_training() does: a gloo group left to interpreter
+    # shutdown aborted one rank once ("terminate called without an active exception") after training had finished.
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
