@@ -38,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import library_versions, machine_dict, machine_info
+from benchmarks.harness import library_versions, machine_dict, machine_info
 from root_hf.optim.newton_schulz import orthogonalize
 from root_hf.schedules import (
     ADAPTIVE_BAND,

@@ -39,7 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import (
+from benchmarks.harness import (
     SMOLLM2_135M,
     interleaved_medians,
     library_versions,

