@@ -335,7 +335,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.study in (name, "all"):
             out[name] = study(configs, budget, runs)
             if not out[name]:
-                raise SystemExit(f"No cached runs under {cache}; run without --report-only first.")
+                where = f"under {cache}" if cache else "(--quick caches none)"
+                raise SystemExit(f"No cached runs {where}; run without --report-only first.")
     if "moe" in out:
         rows = out["moe"]
         print("\nMoE study (tiny OLMoE-style LM, bytes of the chatterbot corpus)\n" + table(rows, budget))
