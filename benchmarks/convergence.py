@@ -44,7 +44,7 @@ from benchmarks.harness import (
     RESULTS,
     SETTINGS,
     Setting,
-    Study,
+    SettingStudy,
     default_schedule,
     library_versions,
     machine_dict,
@@ -122,7 +122,7 @@ def main() -> None:
         setting = settings[key]
         print(f"\n== setting {setting.title} ==")
         print(f"config: {dataclasses.asdict(setting)}")
-        study = Study(setting, results, args.threads, args.verbose)
+        study = SettingStudy(setting, results, verbose=args.verbose)
         if not args.report_only:
             best = study.run_all(names, ablations=not args.no_ablations)
             print(f"best lr: {best}  ({study.executed} runs executed, the rest loaded from {study.dir})")

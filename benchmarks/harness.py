@@ -1,9 +1,10 @@
-"""The one benchmark harness: machine description and timing, tasks (model + data), noise injection, the training
-loop, the run cache, and the optimizer / ablation / setting definitions every study shares.
+"""The one benchmark harness: machine description and timing, the `Task` protocol, noise injection, the training
+loop (`train_run`), the run cache and the lr sweep (`Study`), and the convergence study's optimizers, settings and
+tasks (shared with `report.py`).
 
-Studies (`convergence.py`, `lora.py`, `report.py`, `import_time.py`, and perf's `step_time.py` / `orthogonality.py`)
-import from here; this module imports no study, so there is no import circle. The chat encoder is the recipe's
-(`recipes.assets.encode_chat`), so a benchmark and `recipes/sft.py` train on the same tokens.
+Studies (`convergence.py`, `lora.py`, `moe.py`, `report.py`, `import_time.py`, and perf's `step_time.py` /
+`orthogonality.py`) import from here; this module imports no study, so there is no import circle. The chat encoder
+is the recipe's (`recipes.assets.encode_chat`), so a benchmark and `recipes/sft.py` train on the same tokens.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,9 @@ from root_hf import (  # noqa: E402
 
 # Run cache and outputs; $BENCHMARKS_RESULTS moves them (the --quick smoke tests write to a temporary folder).
 RESULTS = Path(os.environ.get("BENCHMARKS_RESULTS") or Path(__file__).resolve().parent / "results")
-CACHE_VERSION = 2  # bump when a change here changes what a cached run means (2: the recipe's chat encoding)
+# Bump when a change here changes what a cached run means (2: the recipe's chat encoding; 3: one cache key format
+# for every study)
+CACHE_VERSION = 3
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -265,6 +268,7 @@ class Setting:
     lrs: tuple[float, ...]
     seeds: tuple[int, ...]
     weight_decay: float
+    max_extra_lrs: int = 0  # lr points the sweep may add past an edge of `lrs` (0: the published grid only)
     model: dict[str, Any] = field(default_factory=dict)
     warmup_frac: float = 0.05
     final_lr_frac: float = 0.1
@@ -328,46 +332,111 @@ QUICK: dict[str, dict[str, Any]] = {
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Tasks: model + data per setting
+# Tasks: what a study trains
 # --------------------------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Plan:
+    """The schedule of one run: `steps` optimizer steps, an evaluation every `eval_every` steps (and after the last),
+    a linear warm-up over `warmup` steps, then a cosine decay to `final_lr_frac` of the lr."""
+
+    steps: int
+    eval_every: int
+    warmup: int
+    final_lr_frac: float = 0.0
+
+
+def warmup_steps(fraction: float, steps: int) -> int:
+    """Warm-up steps for a warm-up over `fraction` of `steps` (at least one)."""
+    return max(1, round(fraction * steps))
+
+
+def lr_factor(plan: Plan) -> Callable[[int], float]:
+    """The lr multiplier after `i` optimizer steps: `(i + 1) / warmup` during the warm-up, then a cosine decay from 1
+    to `final_lr_frac` over the remaining steps."""
+    decay = max(1, plan.steps - plan.warmup)
+
+    def factor(i: int) -> float:
+        if i < plan.warmup:
+            return (i + 1) / plan.warmup
+        t = min(1.0, (i - plan.warmup) / decay)
+        return plan.final_lr_frac + (1 - plan.final_lr_frac) * 0.5 * (1 + math.cos(math.pi * t))
+
+    return factor
+
+
 class Task:
-    """A model factory, a deterministic batch stream, a clean eval set and the list of hidden matrices."""
+    """What `train_run` trains. A task has a `plan` (steps, evaluations, lr schedule) and implements
 
-    setting: Setting
-    vocab: int
+    - `build(seed) -> model` (initialized from `seed`),
+    - `optimizers(model, spec, lr) -> [optimizer, ...]` (what an optimizer spec of the study means),
+    - `loss(model, batch) -> tensor`,
+    - `batch(generator) -> batch` (one batch from the run's seeded generator) or `batches(seed)` (the whole order),
+    - `eval_batches() -> [batch, ...]` (for the token-weighted eval loss) or `evaluate(model) -> float`;
+    - for noise injection, `vocab` (label noise) and `hidden_matrices(model) -> [(name, param), ...]` (outliers).
+    """
 
-    def build(self, seed: int) -> torch.nn.Module:
-        raise NotImplementedError
+    plan: Plan
+    vocab: int = 0
+    _eval_set: list[dict[str, torch.Tensor]] | None = None
 
-    def hidden_matrices(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
-        raise NotImplementedError
+    def batches(self, seed: int) -> Iterator[dict[str, torch.Tensor]]:
+        """The training batches of a run at `seed`, one per step (default: `batch` from one seeded generator)."""
+        generator = _gen(1, seed)
+        while True:
+            yield self.batch(generator)
 
-    def batch(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+    @torch.no_grad()
+    def evaluate(self, model: torch.nn.Module) -> float:
+        """Eval loss over `eval_batches()`, weighted by the targets (labels other than -100) of each batch."""
+        if self._eval_set is None:
+            self._eval_set = self.eval_batches()
+        model.eval()
+        total, count = 0.0, 0
+        for b in self._eval_set:
+            n = int((b["labels"] != -100).sum())
+            total += float(self.loss(model, b)) * n
+            count += n
+        model.train()
+        return total / count
 
-    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        raise NotImplementedError
+    def schedule(self) -> Callable[[int], float]:
+        """The lr multiplier after `i` optimizer steps (default: `lr_factor(self.plan)`)."""
+        return lr_factor(self.plan)
 
-    def eval_batches(self) -> list[dict[str, torch.Tensor]]:
-        raise NotImplementedError
-
-    def describe(self) -> dict[str, Any]:
-        raise NotImplementedError
+    def initial_eval(self, model: torch.nn.Module) -> float:
+        """Eval loss before the first step (a task may know it already: LoRA starts from the base model)."""
+        return self.evaluate(model)
 
 
 def _masked_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
 
 
-class ScratchLM(Task):
+class SettingTask(Task):
+    """A task of the convergence study: plan, weight decay and optimizer specs (`build_optimizers`) from a
+    `Setting`."""
+
+    def __init__(self, setting: Setting) -> None:
+        self.setting = setting
+        warmup = warmup_steps(setting.warmup_frac, setting.steps)
+        self.plan = Plan(setting.steps, setting.eval_every, warmup, setting.final_lr_frac)
+
+    def optimizers(self, model: torch.nn.Module, spec: dict[str, Any], lr: float) -> list[torch.optim.Optimizer]:
+        matrices = [p for _, p in self.hidden_matrices(model)]
+        ids = {id(p) for p in matrices}
+        rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
+        return build_optimizers(spec, matrices, rest, lr, self.setting.weight_decay)
+
+
+class ScratchLM(SettingTask):
     """(a): byte-level Llama from scratch on the chatterbot corpus (question and answer text, all languages)."""
 
     def __init__(self, setting: Setting) -> None:
         from recipes.assets import chatterbot_languages, load_chatterbot_pairs, train_eval_split
 
-        self.setting = setting
+        super().__init__(setting)
         self.vocab = setting.model["vocab"]
         rows = load_chatterbot_pairs(chatterbot_languages())
         train, held = train_eval_split(rows, eval_size=0.05, seed=0)
@@ -428,7 +497,7 @@ class ScratchLM(Task):
         }
 
 
-class LoraSFT(Task):
+class LoraSFT(SettingTask):
     """(b): LoRA on SmolLM2-135M-Instruct, ChatML without system prompt, loss on the answer tokens only."""
 
     def __init__(self, setting: Setting) -> None:
@@ -436,7 +505,7 @@ class LoraSFT(Task):
 
         from recipes.assets import load_chatterbot_pairs, smollm2_path, train_eval_split
 
-        self.setting = setting
+        super().__init__(setting)
         self.path = smollm2_path()
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
         self.vocab = len(self.tokenizer)
@@ -503,24 +572,18 @@ class LoraSFT(Task):
         }
 
 
-TASKS: dict[str, Callable[[Setting], Task]] = {"a": ScratchLM, "b": LoraSFT}
+TASKS: dict[str, Callable[[Setting], SettingTask]] = {"a": ScratchLM, "b": LoraSFT}
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# One run
+# One run: the training loop (with noise injection)
 # --------------------------------------------------------------------------------------------------------------------
-
-
-def param_groups(task: Task, model: torch.nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    matrices = task.hidden_matrices(model)
-    ids = {id(p) for _, p in matrices}
-    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
-    return [p for _, p in matrices], rest
 
 
 def build_optimizers(
     spec: dict[str, Any], matrices: list[torch.Tensor], rest: list[torch.Tensor], lr: float, weight_decay: float
 ) -> list[torch.optim.Optimizer]:
+    """The optimizers of a convergence spec (`optimizer_specs`): `matrices` on the matrix branch, `rest` on AdamW."""
     adamw = {"lr": lr, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": weight_decay}
     if spec["kind"] == "adamw":
         return [torch.optim.AdamW(matrices + rest, foreach=True, **adamw)]
@@ -532,20 +595,6 @@ def build_optimizers(
     kwargs = {k: v for k, v in spec.items() if k != "kind"}
     groups = [{"params": matrices, "use_root": True}] + ([{"params": rest, "use_root": False}] if rest else [])
     return [ROOT(groups, lr=lr, weight_decay=weight_decay, **kwargs)]
-
-
-def lr_factor(setting: Setting) -> Callable[[int], float]:
-    """Linear warm-up over `warmup_frac` of the steps, then cosine decay to `final_lr_frac`."""
-    warmup = max(1, round(setting.warmup_frac * setting.steps))
-    decay = max(1, setting.steps - warmup)
-
-    def factor(i: int) -> float:
-        if i < warmup:
-            return (i + 1) / warmup
-        t = min(1.0, (i - warmup) / decay)
-        return setting.final_lr_frac + (1 - setting.final_lr_frac) * 0.5 * (1 + math.cos(math.pi * t))
-
-    return factor
 
 
 def _gen(*parts: int) -> torch.Generator:
@@ -584,41 +633,38 @@ def inject_outliers(matrices: list[torch.Tensor], noise: Noise, generator: torch
         flat[idx] *= noise.outlier_scale
 
 
-@torch.no_grad()
-def evaluate(task: Task, model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) -> float:
-    model.eval()
-    total, count = 0.0, 0
-    for b in batches:
-        n = int((b["labels"] != -100).sum())
-        total += float(task.loss(model, b)) * n
-        count += n
-    model.train()
-    return total / count
-
-
 def train_run(
-    task: Task, spec: dict[str, Any], lr: float, seed: int, noise: Noise | None, log: bool = False
+    task: Task, spec: dict[str, Any], lr: float, seed: int, noise: Noise | None = None, log: bool = False
 ) -> dict[str, Any]:
-    """Train once (with `noise` injected, if given); return the loss curves, timings and the final clean eval
-    loss."""
-    s = task.setting
+    """Train `task.build(seed)` once with `task.optimizers(model, spec, lr)` under `task.plan`, on
+    `task.batches(seed)`, with `noise` injected if given (the same draws for every optimizer at a seed).
+
+    A run stops early (diverges) on a non-finite training or eval loss, or when an optimizer step raises
+    `FloatingPointError` (ROOT's `nonfinite_grads="raise"`).
+
+    Returns:
+        A JSON-serializable dict: `final_eval` (the last eval loss; `inf` if the run diverged), `diverged` (`None` or
+        why it stopped), `evals` (`(step, training seconds so far, eval loss)` at step 0, every `eval_every` steps
+        and after the last), `train_loss` (per completed step), `step_s` (seconds per step: batch, forward,
+        backward, optimizer), `opt_s` (of the optimizer steps alone), `outlier_steps`, `train_seconds`.
+    """
+    plan = task.plan
     model = task.build(seed)
     model.train()
-    matrices, rest = param_groups(task, model)
-    opts = build_optimizers(spec, matrices, rest, lr, s.weight_decay)
-    scheds = [torch.optim.lr_scheduler.LambdaLR(o, lr_factor(s)) for o in opts]
-    data_gen = _gen(1, seed)
-    outlier_steps = set()
+    opts = task.optimizers(model, spec, lr)
+    scheds = [torch.optim.lr_scheduler.LambdaLR(o, task.schedule()) for o in opts]
+    batches = task.batches(seed)
+    outlier_steps, matrices = set(), []
     if noise is not None:
-        draws = torch.rand(s.steps, generator=_gen(2, seed))
-        outlier_steps = {i + 1 for i in range(s.steps) if draws[i] < noise.outlier_prob}
-    eval_set = task.eval_batches()
-    evals = [(0, 0.0, evaluate(task, model, eval_set))]
+        draws = torch.rand(plan.steps, generator=_gen(2, seed))
+        outlier_steps = {i + 1 for i in range(plan.steps) if draws[i] < noise.outlier_prob}
+        matrices = [p for _, p in task.hidden_matrices(model)]
+    evals = [(0, 0.0, task.initial_eval(model))]
     train_loss, step_s, opt_s = [], [], []
     elapsed, diverged = 0.0, None
-    for step in range(1, s.steps + 1):
+    for step in range(1, plan.steps + 1):
         t0 = time.perf_counter()
-        batch = task.batch(data_gen)
+        batch = next(batches)
         if noise is not None and noise.label_noise > 0:
             batch["labels"] = inject_label_noise(batch["labels"], noise.label_noise, task.vocab, _gen(3, seed, step))
         loss = task.loss(model, batch)
@@ -645,17 +691,16 @@ def train_run(
         train_loss.append(loss_value)
         step_s.append(t2 - t0)
         opt_s.append(t2 - t1)
-        if step % s.eval_every == 0 or step == s.steps:
-            ev = evaluate(task, model, eval_set)
+        if step % plan.eval_every == 0 or step == plan.steps:
+            ev = task.evaluate(model)
             evals.append((step, elapsed, ev))
             if log:
                 print(f"      step {step:4d}  train {train_loss[-1]:.4f}  eval {ev:.4f}  {elapsed:6.1f}s", flush=True)
             if not math.isfinite(ev):
                 diverged = f"non-finite eval loss at step {step}"
                 break
-    final = evals[-1][2] if diverged is None else float("inf")
     return {
-        "final_eval": final,
+        "final_eval": evals[-1][2] if diverged is None else float("inf"),
         "diverged": diverged,
         "evals": evals,
         "train_loss": train_loss,
@@ -667,7 +712,153 @@ def train_run(
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Run cache: a run is keyed by what it computes, so equal computations under two names share one file
+# The run cache and the lr sweep
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def run_key(task_key: dict[str, Any], spec_key: Any, lr: float, seed: int, variant: str = "clean") -> str:
+    """The cache key of a run: a hash of what changes it (the task's description, the optimizer spec or what it
+    computes, lr, seed, noise variant) and `CACHE_VERSION`."""
+    payload = {"v": CACHE_VERSION, "task": task_key, "spec": spec_key, "variant": variant, "lr": lr, "seed": seed}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def grid_step(lr: float, up: bool) -> float:
+    """The next learning rate of the 1-3-10 grid (..., 1e-3, 3e-3, 1e-2, ...) above (`up`) or below `lr`."""
+    grid = [m * 10.0**e for e in range(-9, 3) for m in (1, 3)]
+    return float(f"{(min(g for g in grid if g > lr * 1.01) if up else max(g for g in grid if g < lr / 1.01)):.3g}")
+
+
+def _score(run: dict[str, Any]) -> float:
+    return run["final_eval"] if math.isfinite(run["final_eval"]) else float("inf")
+
+
+def best_lr(sweep: dict[float, dict[str, Any]]) -> float:
+    """The lr of the lowest final eval loss (a diverged run counts as `inf`; ties: the smaller lr)."""
+    return min(sweep, key=lambda lr: (_score(sweep[lr]), lr))
+
+
+def sweep_lr(
+    run: Callable[[float], dict[str, Any] | None],
+    lrs: tuple[float, ...],
+    max_extra: int = 0,
+    lr_range: tuple[float, float] = (1e-9, 100.0),
+) -> dict[float, dict[str, Any]]:
+    """lr -> `run(lr)` over the grid `lrs`, extended one point of the 1-3-10 grid at a time past the edge where the
+    best lr sits, up to `max_extra` points within `lr_range`. A one-point grid has no edge and is not extended;
+    `run` returning `None` (a missing run in report-only mode) leaves its lr out."""
+    runs = {lr: run(lr) for lr in lrs}
+    for _ in range(max_extra):
+        done = {lr: r for lr, r in runs.items() if r is not None}
+        grid = sorted(runs)
+        if len(grid) < 2 or not done or best_lr(done) not in (grid[0], grid[-1]):
+            break
+        new = grid_step(grid[-1], up=True) if best_lr(done) == grid[-1] else grid_step(grid[0], up=False)
+        if not lr_range[0] <= new <= lr_range[1]:
+            break
+        runs[new] = run(new)
+    return {lr: r for lr, r in sorted(runs.items()) if r is not None}
+
+
+class Study:
+    """The runs of one task: loaded from the run cache, else trained (`train_run`) and cached.
+
+    Runs are JSON files `directory/<run_key>.json`, written atomically (a temporary file, then `os.replace`), so an
+    interrupted study resumes where it stopped; two names whose specs compute the same thing share one run.
+
+    Args:
+        directory: the run cache folder (`None`: runs kept in memory only).
+        key: what changes a run besides its spec, lr, seed and variant (data, model, budget, schedule; not the
+            sweep plan: grid, seeds).
+        make_task: builds the task on the first run to train (never called in report-only mode).
+        report_only: a run that is not cached is `None` instead of trained.
+        verbose: print the eval losses of a run as it trains.
+        label: printed in front of every trained run.
+    """
+
+    def __init__(
+        self,
+        directory: Path | None,
+        key: dict[str, Any],
+        make_task: Callable[[], Task],
+        *,
+        report_only: bool = False,
+        verbose: bool = False,
+        label: str = "",
+    ) -> None:
+        self.dir, self.key, self._make_task = directory, key, make_task
+        self.report_only, self.verbose, self.label = report_only, verbose, label
+        self._task: Task | None = None
+        self._memory: dict[str, dict[str, Any]] = {}
+        self.runs: dict[tuple[str, str, float, int], dict[str, Any]] = {}  # (name, variant, lr, seed) -> run
+        self.executed = 0
+
+    @property
+    def task(self) -> Task:
+        if self._task is None:
+            self._task = self._make_task()
+        return self._task
+
+    def spec_key(self, spec: dict[str, Any]) -> Any:
+        """What identifies a spec's computation in the cache key (default: the spec itself)."""
+        return spec
+
+    def noise(self, variant: str) -> Noise | None:
+        """The noise injected in a run of `variant` (default: none)."""
+        return None
+
+    def get(self, name: str, spec: dict[str, Any], lr: float, seed: int, variant: str = "clean") -> dict | None:
+        """The run of `spec` at `lr`, `seed` and `variant`: cached, else trained (`None` in report-only mode)."""
+        spec_key = self.spec_key(spec)
+        key = run_key(self.key, spec_key, lr, seed, variant)
+        path = self.dir / f"{key}.json" if self.dir is not None else None
+        run = self._memory.get(key)
+        if run is None and path is not None and path.exists():
+            run = json.loads(path.read_text())
+        if run is None:
+            if self.report_only:
+                return None
+            start = time.perf_counter()
+            end = "\n" if self.verbose else ""
+            print(f"  {self.label}{name:<22} {variant:<5} lr={lr:<7g} seed={seed}  ...", end=end, flush=True)
+            run = train_run(self.task, spec, lr, seed, self.noise(variant), log=self.verbose)
+            run.update(name=name, spec=spec, variant=variant, lr=lr, seed=seed, threads=torch.get_num_threads())
+            run.update(load_average_1m=machine_dict()["load_average_1m"], date=time.strftime("%Y-%m-%d %H:%M"))
+            if spec_key is not spec:
+                run["behavior"] = spec_key
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text(json.dumps(run, default=str))
+                os.replace(tmp, path)
+            self.executed += 1
+            status = run["diverged"] or f"final eval {run['final_eval']:.4f}"
+            print(f"  {status}  ({time.perf_counter() - start:.0f} s)", flush=True)
+        self._memory[key] = run
+        self.runs[(name, variant, lr, seed)] = run
+        return run
+
+    def tune(
+        self,
+        name: str,
+        spec: dict[str, Any],
+        lrs: tuple[float, ...],
+        seeds: tuple[int, ...],
+        max_extra: int = 0,
+        lr_range: tuple[float, float] = (1e-9, 100.0),
+    ) -> dict[str, Any] | None:
+        """The lr sweep (`sweep_lr`) at the first seed, then the best lr at every seed: `{"sweep": {lr: run},
+        "best_lr": lr, "runs": [run per seed]}`, or `None` when no run of the sweep exists (report-only)."""
+        sweep = sweep_lr(lambda lr: self.get(name, spec, lr, seeds[0]), lrs, max_extra, lr_range)
+        if not sweep:
+            return None
+        best = best_lr(sweep)
+        runs = [r for r in (self.get(name, spec, best, seed) for seed in seeds) if r is not None]
+        return {"sweep": sweep, "best_lr": best, "runs": runs}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The convergence study's runs: a run is keyed by what it computes, so equal computations share one file
 # --------------------------------------------------------------------------------------------------------------------
 
 
@@ -681,40 +872,23 @@ def behavior(spec: dict[str, Any], shapes: list[tuple[int, int]]) -> dict[str, A
     return out
 
 
-def run_key(setting: Setting, variant: str, beh: dict[str, Any], lr: float, seed: int) -> str:
-    described = dataclasses.asdict(setting) | {"seeds": None, "lrs": None, "ablation_seeds": None, "title": None}
-    del described["variants"]  # which variants a study runs does not change any single run
-    payload = {
-        "v": CACHE_VERSION,
-        "setting": described,
-        "variant": variant,
-        "behavior": beh,
-        "lr": lr,
-        "seed": seed,
-    }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+class SettingStudy(Study):
+    """The runs of one convergence setting, kept by (name, variant, lr, seed) in `runs`."""
 
-
-class Study:
-    """Runs (or loads) the runs of one setting and keeps them by (name, variant, lr, seed)."""
-
-    def __init__(self, setting: Setting, results: Path, threads: int, verbose: bool) -> None:
+    def __init__(self, setting: Setting, results: Path, verbose: bool = False, report_only: bool = False) -> None:
+        plan = ("seeds", "lrs", "ablation_seeds", "title", "variants", "max_extra_lrs")  # do not change a run
+        key = {k: v for k, v in dataclasses.asdict(setting).items() if k not in plan}
+        super().__init__(
+            results / setting.name,
+            key,
+            lambda: TASKS[setting.name](setting),
+            report_only=report_only,
+            verbose=verbose,
+            label=f"[{setting.name}] ",
+        )
         self.setting = setting
-        self.dir = results / setting.name
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.threads = threads
-        self.verbose = verbose
-        self._task: Task | None = None
         self._shapes: list[tuple[int, int]] | None = None
-        self.runs: dict[tuple[str, str, float, int], dict[str, Any]] = {}
-        self.executed = 0
         self.task_description: dict[str, Any] = {}
-
-    @property
-    def task(self) -> Task:
-        if self._task is None:
-            self._task = TASKS[self.setting.name](self.setting)
-        return self._task
 
     def shapes(self) -> list[tuple[int, int]]:
         if self._shapes is None:
@@ -724,71 +898,40 @@ class Study:
             else:
                 model = self.task.build(0)
                 self._shapes = [tuple(p.shape) for _, p in self.task.hidden_matrices(model)]
+                shape_file.parent.mkdir(parents=True, exist_ok=True)
                 shape_file.write_text(json.dumps(self._shapes))
         return self._shapes
 
-    def path(self, spec: dict[str, Any], variant: str, lr: float, seed: int) -> Path:
-        return self.dir / f"{run_key(self.setting, variant, behavior(spec, self.shapes()), lr, seed)}.json"
+    def spec_key(self, spec: dict[str, Any]) -> dict[str, Any]:
+        return behavior(spec, self.shapes())
 
-    def get(self, name: str, spec: dict[str, Any], variant: str, lr: float, seed: int) -> dict[str, Any]:
-        path = self.path(spec, variant, lr, seed)
-        if path.exists():
-            run = json.loads(path.read_text())
-        else:
-            start = time.perf_counter()
-            print(
-                f"  [{self.setting.name}] {name:<22} {variant:<5} lr={lr:<7g} seed={seed}  ...",
-                end="\n" if self.verbose else "",
-                flush=True,
-            )
-            run = train_run(self.task, spec, lr, seed, noise_for(self.setting, variant), log=self.verbose)
-            run.update(
-                {
-                    "name": name,
-                    "spec": spec,
-                    "behavior": behavior(spec, self.shapes()),
-                    "variant": variant,
-                    "lr": lr,
-                    "seed": seed,
-                    "threads": self.threads,
-                    "load_average_1m": machine_dict()["load_average_1m"],
-                    "date": time.strftime("%Y-%m-%d %H:%M"),
-                }
-            )
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(run, default=str))
-            os.replace(tmp, path)
-            self.executed += 1
-            status = run["diverged"] or f"final eval {run['final_eval']:.4f}"
-            print(f"  {status}  ({time.perf_counter() - start:.0f} s)", flush=True)
-        self.runs[(name, variant, lr, seed)] = run
-        return run
+    def noise(self, variant: str) -> Noise | None:
+        return noise_for(self.setting, variant)
 
-    def best_lr(self, name: str, spec: dict[str, Any]) -> float:
+    def best_lr(self, name: str, spec: dict[str, Any]) -> float | None:
         s = self.setting
-        finals = {lr: self.get(name, spec, "clean", lr, s.seeds[0])["final_eval"] for lr in s.lrs}
-        return min(finals, key=lambda lr: (finals[lr], lr))
+        sweep = sweep_lr(lambda lr: self.get(name, spec, lr, s.seeds[0]), s.lrs, s.max_extra_lrs)
+        return best_lr(sweep) if sweep else None
 
-    def run_all(self, optimizers: tuple[str, ...], ablations: bool) -> dict[str, Any]:
+    def run_all(self, optimizers: tuple[str, ...], ablations: bool) -> dict[str, float]:
+        """Train (or, in report-only mode, load) the study: 1. each optimizer's lr sweep at the first seed, 2. every
+        seed at its best lr, 3. the noise variants at the same lr, 4. the ablations at ROOT's best lr. Returns the
+        best lr of each optimizer."""
         s = self.setting
         specs = optimizer_specs()
-        best = {}
-        for name in optimizers:  # 1. lr sweep at the first seed
-            best[name] = self.best_lr(name, specs[name])
-        for name in optimizers:  # 2. every seed at the best lr
-            for seed in s.seeds[1:]:
-                self.get(name, specs[name], "clean", best[name], seed)
-        for variant in s.variants[1:]:  # 3. robustness variants at the same lr
-            for name in optimizers:
+        best = {name: self.best_lr(name, specs[name]) for name in optimizers}
+        best = {name: lr for name, lr in best.items() if lr is not None}
+        for variant in s.variants:  # "clean" first: every seed, then the robustness variants
+            for name, lr in best.items():
                 for seed in s.seeds:
-                    self.get(name, specs[name], variant, best[name], seed)
+                    self.get(name, specs[name], lr, seed, variant)
         abl = ablation_specs()
-        if ablations and s.ablation_seeds:  # 4. ablations at ROOT's best lr
-            lr = best.get("ROOT") or self.best_lr("ROOT", specs["ROOT"])
+        lr = (best.get("ROOT") or self.best_lr("ROOT", specs["ROOT"])) if ablations and s.ablation_seeds else None
+        if lr is not None:
             for group in ABLATION_GROUPS.values():
                 for variant in group["variants"]:
                     for row in group["rows"]:
                         if row in abl:
                             for seed in s.ablation_seeds:
-                                self.get(row, abl[row], variant, lr, seed)
+                                self.get(row, abl[row], lr, seed, variant)
         return best

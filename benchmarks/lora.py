@@ -37,8 +37,9 @@ it is computed once per example and cached on disk, and every training step runs
 backward) and the LM head on the answer positions. This is exactly the computation of an ordinary PEFT run with the
 same `layers_to_transform` (the script checks the loss of the full model against the cached path before training).
 
-Runs are cached as JSON under `benchmarks/results/lora/` (git-ignored), keyed by everything that changes their
-outcome, so an interrupted study resumes where it stopped.
+The training loop, the run cache and the lr sweep are `benchmarks/harness.py`'s (`train_run`, `Study.tune`): runs are
+cached as JSON under `benchmarks/results/lora/` (git-ignored), keyed by everything that changes their outcome, so an
+interrupted study resumes where it stopped.
 
 Cost on the project's 2-core CPU: about 0.17 s per training step when the machine is otherwise idle (several times
 more while other jobs share it), so about 25 s per run of 120 steps including its evaluations; 7 runs per configuration
@@ -56,7 +57,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -70,12 +71,21 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.harness import RESULTS, encode_chat_pair, library_versions, machine_dict
+from benchmarks.harness import (
+    RESULTS,
+    Plan,
+    Study,
+    Task,
+    encode_chat_pair,
+    library_versions,
+    lr_factor,
+    machine_dict,
+    warmup_steps,
+)
 from root_hf import ROOT, create_root_optimizer
 from root_hf.schedules import DEFAULT_SCHEDULE
 
 REPO = Path(__file__).resolve().parents[1]
-CACHE_VERSION = 2  # bump when a change to this file changes what a cached run means (2: the recipe's chat encoding)
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -101,6 +111,11 @@ class Setting:
     lr_grid: tuple[float, ...] = (1e-3, 3e-3)  # first points; extended on the 1-3-10 grid while the best is at an edge
     max_extra_lrs: int = 2
     max_train: int | None = None  # keep only the first N training pairs (None: all); --quick uses 8
+
+    def key(self) -> dict[str, Any]:
+        """What changes a run (the run cache's key): everything but the sweep plan, and ROOT's default schedule."""
+        plan = ("seeds", "lr_grid", "max_extra_lrs")
+        return {k: v for k, v in asdict(self).items() if k not in plan} | {"schedule": DEFAULT_SCHEDULE}
 
 
 # --quick: a smoke run (the frozen layers' outputs of 8 + 4 pairs are computed once), not a result.
@@ -133,7 +148,7 @@ DEFAULT_CONFIGS = ("AdamW", "Muon-style", "ROOT both", "ROOT b_only")
 # --------------------------------------------------------------------------------------------------------------------
 
 
-class LoraTask:
+class LoraTask(Task):
     """SmolLM2-135M-Instruct + chatterbot; runs the top `lora_layers` layers on cached inputs."""
 
     def __init__(self, setting: Setting, cache: Path) -> None:
@@ -142,6 +157,7 @@ class LoraTask:
         from recipes.assets import load_chatterbot_pairs, smollm2_path, train_eval_split
 
         self.setting = setting
+        self.plan = Plan(setting.steps, setting.eval_every, warmup_steps(setting.warmup_fraction, setting.steps))
         self.path = smollm2_path()
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
         train, held = train_eval_split(load_chatterbot_pairs(), eval_size=setting.eval_size, seed=0)
@@ -193,7 +209,7 @@ class LoraTask:
             out: list[torch.Tensor] = [None] * len(examples)  # type: ignore[list-item]
             for k in range(0, len(order), 32):
                 idx = order[k : k + 32]
-                batch = self.batch(inputs, examples, idx)
+                batch = self.collate(inputs, examples, idx)
                 states = inner(inputs_embeds=batch["inputs_embeds"], attention_mask=batch["attention_mask"])
                 for row, i in enumerate(idx):
                     out[i] = states.last_hidden_state[row, : len(examples[i][0])].clone()
@@ -218,7 +234,7 @@ class LoraTask:
             keep = targets != -100
             full = float(F.cross_entropy(base.lm_head(hidden[keep]), targets[keep]))
             model = self.build(seed=0)
-            cached = float(self.loss(model, self.batch(self.hidden_held, self.held, items)))
+            cached = float(self.loss(model, self.collate(self.hidden_held, self.held, items)))
         return full, cached
 
     def build(self, seed: int) -> torch.nn.Module:
@@ -240,7 +256,7 @@ class LoraTask:
         inner.layers = torch.nn.ModuleList(list(inner.layers)[self.first :])  # the frozen part is cached
         return model.train()
 
-    def batch(
+    def collate(
         self, hidden: list[torch.Tensor], examples: list[tuple[list[int], list[int]]], items: list[int]
     ) -> dict[str, torch.Tensor]:
         width = max(hidden[i].shape[0] for i in items)
@@ -274,18 +290,23 @@ class LoraTask:
         b = self.setting.batch_size
         return [flat[i * b : (i + 1) * b] for i in range(self.setting.steps)]
 
-    @torch.no_grad()
-    def evaluate(self, model: torch.nn.Module) -> float:
-        model.eval()
-        total, count = 0.0, 0
-        for k in range(0, len(self.held), 16):
-            items = list(range(k, min(k + 16, len(self.held))))
-            b = self.batch(self.hidden_held, self.held, items)
-            n = int((b["labels"] != -100).sum())
-            total += float(self.loss(model, b)) * n
-            count += n
-        model.train()
-        return total / count
+    def batches(self, seed: int) -> Iterator[dict[str, torch.Tensor]]:
+        return (self.collate(self.hidden_train, self.train, items) for items in self.train_order(seed))
+
+    def optimizers(self, model: torch.nn.Module, spec: dict[str, Any], lr: float) -> list[torch.optim.Optimizer]:
+        if spec["kind"] == "adamw":
+            params = [p for p in model.parameters() if p.requires_grad]
+            return [torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)]
+        kwargs = {k: v for k, v in spec.items() if k != "kind"}
+        return [create_root_optimizer(model, lr=lr, weight_decay=0.0, betas=(0.9, 0.999), **kwargs)]
+
+    def initial_eval(self, model: torch.nn.Module) -> float:
+        return self.base_eval
+
+    def eval_batches(self) -> list[dict[str, torch.Tensor]]:
+        """The held-out pairs in batches of 16 (the harness weighs their losses by their answer tokens)."""
+        held = range(len(self.held))
+        return [self.collate(self.hidden_held, self.held, list(held[k : k + 16])) for k in held[::16]]
 
 
 def _pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -308,136 +329,8 @@ def _targets(labels: list[list[int]], width: int) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# One run
+# The study: table, plot
 # --------------------------------------------------------------------------------------------------------------------
-
-
-def build_optimizer(spec: dict[str, Any], model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
-    if spec["kind"] == "adamw":
-        params = [p for p in model.parameters() if p.requires_grad]
-        return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-    kwargs = {k: v for k, v in spec.items() if k != "kind"}
-    return create_root_optimizer(model, lr=lr, weight_decay=0.0, betas=(0.9, 0.999), **kwargs)
-
-
-def lr_factor(setting: Setting) -> Callable[[int], float]:
-    """Linear warm-up from lr / warmup over `warmup_fraction` of the steps, then cosine decay to 0."""
-    warmup = max(1, round(setting.warmup_fraction * setting.steps))
-
-    def factor(i: int) -> float:  # i = optimizer steps taken so far
-        if i < warmup:
-            return (i + 1) / warmup
-        progress = (i - warmup) / max(1, setting.steps - warmup)
-        return 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
-
-
-def train_run(task: LoraTask, spec: dict[str, Any], lr: float, seed: int) -> dict[str, Any]:
-    s = task.setting
-    model = task.build(seed)
-    optimizer = build_optimizer(spec, model, lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(s))
-    evals = [(0, task.base_eval)]
-    train_loss: list[float] = []
-    elapsed, diverged = 0.0, None
-    for step, items in enumerate(task.train_order(seed), start=1):
-        start = time.perf_counter()
-        loss = task.loss(model, task.batch(task.hidden_train, task.train, items))
-        if not math.isfinite(loss.item()):
-            diverged = f"non-finite loss at step {step}"
-            break
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        elapsed += time.perf_counter() - start
-        train_loss.append(float(loss))
-        if step % s.eval_every == 0 or step == s.steps:
-            evals.append((step, task.evaluate(model)))
-    return {
-        "final_eval": evals[-1][1] if diverged is None else float("inf"),
-        "diverged": diverged,
-        "evals": evals,
-        "train_loss": train_loss,
-        "seconds_per_step": elapsed / max(1, len(train_loss)),
-    }
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# The study: cached runs, lr sweep, table, plot
-# --------------------------------------------------------------------------------------------------------------------
-
-
-class Study:
-    def __init__(self, setting: Setting, results: Path, task: LoraTask | None, configs: list[str]) -> None:
-        self.setting, self.results, self._task, self.configs = setting, results, task, configs
-
-    def key(self, spec: dict[str, Any], lr: float, seed: int) -> str:
-        setting = {k: v for k, v in asdict(self.setting).items() if k not in ("seeds", "lr_grid", "max_extra_lrs")}
-        what = {
-            "v": CACHE_VERSION,
-            "setting": setting,  # what changes a run's outcome; not the sweep plan
-            "spec": spec,
-            "schedule": DEFAULT_SCHEDULE,
-            "lr": lr,
-            "seed": seed,
-        }
-        return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
-
-    def get(self, name: str, lr: float, seed: int) -> dict[str, Any] | None:
-        spec = CONFIGS[name]
-        path = self.results / f"{self.key(spec, lr, seed)}.json"
-        if path.is_file():
-            return json.loads(path.read_text())
-        if self._task is None:
-            return None
-        run = train_run(self._task, spec, lr, seed)
-        run.update(name=name, lr=lr, seed=seed, spec=spec)
-        self.results.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(run))
-        curve = " ".join(f"{v:.3f}" for _, v in run["evals"])
-        print(
-            f"  {name:20s} lr={lr:<7g} seed={seed}  eval {curve}  ({run['seconds_per_step']:.2f} s/step)", flush=True
-        )
-        return run
-
-    def sweep(self, name: str) -> dict[float, dict[str, Any]]:
-        """lr -> run at the first seed: the grid, then 3x steps outwards while the best lr is at an edge."""
-        s = self.setting
-        seed = s.seeds[0]
-        runs = {lr: self.get(name, lr, seed) for lr in s.lr_grid}
-        for _ in range(s.max_extra_lrs):
-            done = {lr: r for lr, r in runs.items() if r is not None}
-            if not done:
-                break
-            best = min(done, key=lambda lr: done[lr]["final_eval"])
-            lrs = sorted(runs)
-            if best == lrs[0]:
-                new = _grid_step(lrs[0], up=False)
-            elif best == lrs[-1]:
-                new = _grid_step(lrs[-1], up=True)
-            else:
-                break
-            runs[new] = self.get(name, new, seed)
-        return {lr: r for lr, r in sorted(runs.items()) if r is not None}
-
-    def run_all(self) -> dict[str, Any]:
-        summary: dict[str, Any] = {}
-        for name in self.configs:
-            sweep = self.sweep(name)
-            if not sweep:
-                continue
-            best = min(sweep, key=lambda lr: sweep[lr]["final_eval"])
-            runs = [r for r in (self.get(name, best, seed) for seed in self.setting.seeds) if r is not None]
-            summary[name] = {"sweep": sweep, "best_lr": best, "runs": runs}
-        return summary
-
-
-def _grid_step(lr: float, up: bool) -> float:
-    """The next learning rate of the 1-3-10 grid (..., 1e-3, 3e-3, 1e-2, ...) above or below `lr`."""
-    grid = [m * 10.0**e for e in range(-7, 2) for m in (1, 3)]
-    return float(f"{(min(g for g in grid if g > lr * 1.01) if up else max(g for g in grid if g < lr / 1.01)):.3g}")
 
 
 def _paired(entry: dict[str, Any], other: dict[str, Any] | None) -> str:
@@ -468,7 +361,7 @@ def table(summary: dict[str, Any], setting: Setting) -> str:
         sweep = ", ".join(f"{lr:g}: {r['final_eval']:.4f}" for lr, r in entry["sweep"].items())
         finals = [r["final_eval"] for r in entry["runs"]]
         mean = sum(finals) / len(finals)
-        speed = sum(r["seconds_per_step"] for r in entry["runs"]) / len(entry["runs"])
+        speed = sum(r["train_seconds"] / max(1, len(r["train_loss"])) for r in entry["runs"]) / len(entry["runs"])
         lines.append(
             f"| {name} | {factors} | {scale} | {sweep} | {entry['best_lr']:g} | "
             f"**{mean:.4f}** ({min(finals):.4f}-{max(finals):.4f}) | {_paired(entry, summary.get('AdamW'))} | "
@@ -499,8 +392,8 @@ def plot(summary: dict[str, Any], setting: Setting, out: Path, base_eval: float 
     fig, (ax_eval, ax_train) = plt.subplots(1, 2, figsize=(11, 4.2))
     for name, entry in summary.items():
         runs = entry["runs"]
-        steps = [s for s, _ in runs[0]["evals"]]
-        mean_eval = [sum(r["evals"][k][1] for r in runs) / len(runs) for k in range(len(steps))]
+        steps = [e[0] for e in runs[0]["evals"]]
+        mean_eval = [sum(r["evals"][k][2] for r in runs) / len(runs) for k in range(len(steps))]
         (line,) = ax_eval.plot(steps, mean_eval, marker="o", label=f"{name} (lr {entry['best_lr']:g})")
         width = min(len(r["train_loss"]) for r in runs)
         mean_train = [sum(r["train_loss"][k] for r in runs) / len(runs) for k in range(width)]
@@ -559,18 +452,21 @@ class ScalingSetting:
 QUICK_SCALING = ScalingSetting(hidden=64, pretrain_steps=20, steps=5, batch_size=4, lrs=(1e-2, 1e-1))
 
 
-class ScalingTask:
-    """A byte-level Llama (vocab 256) pretrained with AdamW on the English chatterbot pairs, then LoRA-adapted to the
-    French, Italian, Portuguese and Spanish pairs (held-out questions for eval): cheap enough for a wide lr grid."""
+class ScalingTask(Task):
+    """A byte-level Llama (vocab 256) pretrained with AdamW on the English chatterbot pairs, then LoRA-adapted (all 7
+    projections) to the French, Italian, Portuguese and Spanish pairs (held-out questions for eval): cheap enough for
+    a wide lr grid. Spec `{"rule": None}` trains the factors with AdamW, `{"rule": name}` with ROOT under that
+    update scale (`SCALE_RULES`); warm-up over 10% of the steps, cosine decay to 0, the held-out loss at the end."""
 
     def __init__(self, setting: ScalingSetting, cache: Path) -> None:
         from recipes.assets import load_chatterbot_pairs, train_eval_split
 
         self.setting = setting
+        self.plan = Plan(setting.steps, setting.steps, warmup_steps(0.1, setting.steps))
         rows = load_chatterbot_pairs(["french", "italian", "portuguese", "spanish"])
         train, held = train_eval_split(rows, eval_size=0.15)
         self.train, self.held = _bytes(train), _bytes(held)
-        self.eval_batches = self._windows(self.held, 8, torch.Generator().manual_seed(123))
+        self.eval_windows = self._windows(self.held, 8, torch.Generator().manual_seed(123))
         self.base_state = self._pretrained(cache)
 
     def _windows(self, data: torch.Tensor, n: int, g: torch.Generator) -> list[torch.Tensor]:
@@ -605,7 +501,7 @@ class ScalingTask:
         model = self._model()
         english = _bytes(load_chatterbot_pairs(["english"]))
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1, betas=(0.9, 0.95))
-        schedule = lr_factor(Setting(steps=s.pretrain_steps, warmup_fraction=0.05))
+        schedule = lr_factor(Plan(s.pretrain_steps, s.pretrain_steps, warmup_steps(0.05, s.pretrain_steps)))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
         for x in self._windows(english, s.pretrain_steps, torch.Generator().manual_seed(0)):
             model(input_ids=x, labels=x).loss.backward()
@@ -617,32 +513,35 @@ class ScalingTask:
         print(f"  pretrained the byte-level base model ({time.perf_counter() - start:.0f} s)", flush=True)
         return model.state_dict()
 
-    def run(self, rule: str | None, lr: float, seed: int = 0) -> float:
-        """Final held-out loss of LoRA (all 7 projections) trained with AdamW (rule None) or ROOT under `rule`."""
+    def build(self, seed: int) -> torch.nn.Module:
         from peft import LoraConfig, get_peft_model
 
-        s = self.setting
         model = self._model()
         model.load_state_dict(self.base_state)
         torch.manual_seed(seed)
-        model = get_peft_model(model, LoraConfig(r=s.r, lora_alpha=2 * s.r, target_modules=list(TARGETS)))
+        r = self.setting.r
+        return get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(TARGETS)))
+
+    def optimizers(self, model: torch.nn.Module, spec: dict[str, Any], lr: float) -> list[torch.optim.Optimizer]:
         factors = [p for p in model.parameters() if p.requires_grad]
-        if rule is None:
-            optimizer: torch.optim.Optimizer = torch.optim.AdamW(factors, lr=lr, weight_decay=0.0)
-        else:  # no adjustment in the core, the rule's scale folded into each factor's own lr
-            groups = [{"params": [p], "lr": lr * SCALE_RULES[rule](*p.shape)} for p in factors]
-            optimizer = ROOT(groups, lr=lr, weight_decay=0.0, adjust_lr_fn=None)
-        sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(Setting(steps=s.steps)))
-        for x in self._windows(self.train, s.steps, torch.Generator().manual_seed(1 + seed)):
-            loss = model(input_ids=x, labels=x).loss
-            if not math.isfinite(loss.item()):
-                return float("inf")
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            sched.step()
-        with torch.no_grad():
-            return sum(float(model(input_ids=x, labels=x).loss) for x in self.eval_batches) / len(self.eval_batches)
+        if spec["rule"] is None:
+            return [torch.optim.AdamW(factors, lr=lr, weight_decay=0.0)]
+        # no adjustment in the core, the rule's scale folded into each factor's own lr
+        groups = [{"params": [p], "lr": lr * SCALE_RULES[spec["rule"]](*p.shape)} for p in factors]
+        return [ROOT(groups, lr=lr, weight_decay=0.0, adjust_lr_fn=None)]
+
+    def batches(self, seed: int) -> Iterator[dict[str, torch.Tensor]]:
+        return (
+            {"input_ids": x}
+            for x in self._windows(self.train, self.setting.steps, torch.Generator().manual_seed(1 + seed))
+        )
+
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
+
+    @torch.no_grad()
+    def evaluate(self, model: torch.nn.Module) -> float:
+        return sum(float(model(input_ids=x, labels=x).loss) for x in self.eval_windows) / len(self.eval_windows)
 
 
 def _bytes(rows: list[dict[str, str]]) -> torch.Tensor:
@@ -651,21 +550,15 @@ def _bytes(rows: list[dict[str, str]]) -> torch.Tensor:
 
 
 def scaling_study(setting: ScalingSetting, results: Path, report_only: bool) -> None:
-    what = {"v": CACHE_VERSION, "setting": asdict(setting), "schedule": DEFAULT_SCHEDULE}
-    path = results / f"scaling-{hashlib.sha256(json.dumps(what).encode()).hexdigest()[:16]}.json"
-    table_data: dict[str, dict[str, float]] = json.loads(path.read_text()) if path.is_file() else {}
+    key = {"scaling": asdict(setting), "schedule": DEFAULT_SCHEDULE}
+    study = Study(results, key, lambda: ScalingTask(setting, results / "cache"), report_only=report_only)
     print(f"scaling setting: {json.dumps(asdict(setting))}")
-    if not report_only:
-        task = ScalingTask(setting, results / "cache")
-        for rule in ("AdamW", *SCALE_RULES):
-            for lr in setting.lrs:
-                if f"{lr:g}" in table_data.get(rule, {}):
-                    continue
-                value = task.run(None if rule == "AdamW" else rule, lr)
-                table_data.setdefault(rule, {})[f"{lr:g}"] = value
-                results.mkdir(parents=True, exist_ok=True)
-                path.write_text(json.dumps(table_data))
-                print(f"  {rule:16s} lr={lr:<7g} eval {value:.4f}", flush=True)
+    table_data: dict[str, dict[str, float]] = {}
+    for rule in ("AdamW", *SCALE_RULES):
+        for lr in setting.lrs:
+            run = study.get(rule, {"rule": None if rule == "AdamW" else rule}, lr, seed=0)
+            if run is not None:
+                table_data.setdefault(rule, {})[f"{lr:g}"] = run["final_eval"]
     if not table_data:
         raise SystemExit(f"No cached scaling runs under {results}; run without --report-only first.")
     lrs = [f"{lr:g}" for lr in setting.lrs]
@@ -786,12 +679,16 @@ def main() -> None:
     unknown = [c for c in configs if c not in CONFIGS]
     if unknown:
         raise SystemExit(f"Invalid --configs: {unknown}. Must be names from {list(CONFIGS)}, or 'all'.")
-    study = Study(setting, results, task, configs)
+    study = Study(results, setting.key(), lambda: task, report_only=args.report_only)
     start = time.perf_counter()
-    summary = study.run_all()
+    summary = {}
+    for name in configs:
+        entry = study.tune(name, CONFIGS[name], setting.lr_grid, setting.seeds, setting.max_extra_lrs)
+        if entry is not None:
+            summary[name] = entry
     if not summary:
         raise SystemExit(f"No cached runs under {results}; run without --report-only first.")
-    base_eval = next(iter(summary.values()))["runs"][0]["evals"][0][1]
+    base_eval = next(iter(summary.values()))["runs"][0]["evals"][0][2]
     print(f"\nheld-out loss of the base model (before any step): {base_eval:.4f}")
     print(table(summary, setting))
     print("\nPaired differences of the final eval loss (negative: the row's optimizer is lower at the same seed):")

@@ -5,6 +5,7 @@ Usage:
     python benchmarks/moe.py --study fused   # fused projections: "split" vs "whole" (MoE experts and a tiny Phi-3)
     python benchmarks/moe.py --study all     # both
     python benchmarks/moe.py --quick         # smoke run in seconds (plot under benchmarks/results/moe-quick/)
+    python benchmarks/moe.py --report-only   # table and plots from the cached runs
 
 Task: from-scratch byte-level language modelling of the English chatterbot corpus (the YAML files shipped in the
 `chatterbot_corpus` package, read as raw bytes: vocabulary 256). The files are concatenated in name order and cut
@@ -30,8 +31,9 @@ Fused study: `split` (default) vs `whole` for the MoE's expert `gate_up_proj` an
 Every configuration: linear warm-up over 10% of the steps then cosine decay to 0, weight decay 0.1, betas
 (0.9, 0.95), a learning-rate sweep over 3 values at seed 0 (extended by up to two values while the best lr sits at
 an edge of the grid); the best lr (final eval loss) is then run at the other seeds and the table reports the mean
-over seeds. Runs are cached as JSON under `benchmarks/results/moe/`
-(git-ignored), keyed by their configuration, so an interrupted study resumes.
+over seeds. The training loop, the run cache and the lr sweep are `benchmarks/harness.py`'s (`train_run`, `Study`):
+runs are cached as JSON under `benchmarks/results/moe/` (git-ignored), keyed by what they compute, so an interrupted
+study resumes and `MoE experts: split` reuses the runs of `ROOT per-expert`, the same computation.
 
 Cost on the project's 2-core CPU (shared with other jobs): 23-60 s per run of 200 steps, depending on the load;
 `--study all --seeds 0 1` is 30 runs (the docs/models.md figures came from two processes, one per study, in about
@@ -42,34 +44,41 @@ from __future__ import annotations
 
 import argparse
 import glob
-import hashlib
 import importlib.util
 import json
 import math
-import os
-import platform
 import sys
-import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-ROOT_DIR = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT_DIR))
+from benchmarks.harness import REPO, RESULTS, Plan, Study, Task, library_versions, machine_dict
+from root_hf import ROOT
+from root_hf.integrations.routing import route_parameters
 
-from root_hf import ROOT  # noqa: E402
-from root_hf.integrations.routing import route_parameters  # noqa: E402
-
-RESULTS = ROOT_DIR / "benchmarks" / "results"
 MOE_CONFIGS = ("adamw", "root_per_expert", "root_per_expert_router_root", "root_fused_old")
 FUSED_CONFIGS = ("phi3_split", "phi3_whole", "moe_whole", "moe_split")  # moe_split last: cached by --study moe
-LADDER = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)  # learning rates the sweep may extend to
-RUN_AS = {"moe_split": "root_per_expert"}  # the same run: the package default
+LR_RANGE = (1e-4, 3e-1)  # learning rates the sweep may extend to
+# name -> (model, optimizer spec): "adamw", or ROOT over `route_parameters(model, **options)` with its groups'
+# `matrix_view` set when given. moe_split and root_per_expert are the same computation (the package default).
+SPECS: dict[str, tuple[str, dict[str, Any]]] = {
+    "adamw": ("moe", {"kind": "adamw"}),
+    "root_per_expert": ("moe", {"kind": "root"}),
+    "root_per_expert_router_root": ("moe", {"kind": "root", "router_branch": "root"}),
+    "root_fused_old": (
+        "moe",
+        {"kind": "root", "router_branch": "root", "fused_projections": "whole", "matrix_view": "flatten"},
+    ),
+    "moe_split": ("moe", {"kind": "root"}),
+    "moe_whole": ("moe", {"kind": "root", "fused_projections": "whole"}),
+    "phi3_split": ("phi3", {"kind": "root"}),
+    "phi3_whole": ("phi3", {"kind": "root", "fused_projections": "whole"}),
+}
 LABELS = {
     "adamw": "AdamW",
     "root_per_expert": "ROOT per-expert (default)",
@@ -94,6 +103,12 @@ class Budget:
     eval_windows: int = 64
     lrs: tuple[float, ...] = (3e-3, 1e-2, 3e-2)
     seeds: tuple[int, ...] = (0, 1)
+    max_extra_lrs: int = 2  # lr points the sweep may add past an edge of `lrs`
+
+    def key(self, model: str) -> dict[str, Any]:
+        """What changes a run (the run cache's key): the model and the budget, not the sweep plan."""
+        plan = ("lrs", "seeds", "max_extra_lrs")
+        return {"model": model, "budget": {k: v for k, v in asdict(self).items() if k not in plan}}
 
 
 QUICK = Budget(steps=6, batch=4, seq=32, hidden=32, layers=1, experts=4, eval_every=3, eval_windows=8, lrs=(1e-2,),
@@ -128,120 +143,85 @@ def windows(data: torch.Tensor, starts: torch.Tensor, seq: int) -> torch.Tensor:
     return torch.stack([data[s : s + seq + 1] for s in starts.tolist()])
 
 
-def make_model(kind: str, budget: Budget, seed: int) -> torch.nn.Module:
-    import transformers
+class ByteLM(Task):
+    """A tiny from-scratch causal LM (`kind` "moe": OLMoE-style, "phi3": Phi-3) on random windows of the corpus
+    bytes, the same batches for every configuration and seed; eval: `eval_windows` evenly spaced held-out windows;
+    warm-up over `steps // 10` steps, cosine decay to 0."""
 
-    common = dict(
-        hidden_size=budget.hidden,
-        num_hidden_layers=budget.layers,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        vocab_size=256,
-        max_position_embeddings=budget.seq,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(seed)
-    if kind == "moe":
-        config = transformers.OlmoeConfig(
-            **common, intermediate_size=budget.hidden, num_experts=budget.experts, num_experts_per_tok=2
+    def __init__(self, kind: str, budget: Budget, data: torch.Tensor) -> None:
+        self.kind, self.budget = kind, budget
+        self.plan = Plan(budget.steps, budget.eval_every, max(1, budget.steps // 10))
+        self.train, held_out = split_corpus(data)
+        starts = torch.linspace(0, len(held_out) - budget.seq - 2, budget.eval_windows).long()
+        self.eval_batch = windows(held_out, starts, budget.seq)
+
+    def build(self, seed: int) -> torch.nn.Module:
+        import transformers
+
+        b = self.budget
+        common = dict(
+            hidden_size=b.hidden,
+            num_hidden_layers=b.layers,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            vocab_size=256,
+            max_position_embeddings=b.seq,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+            tie_word_embeddings=False,
         )
-        return transformers.OlmoeForCausalLM(config)
-    config = transformers.Phi3Config(**common, intermediate_size=4 * budget.hidden)
-    return transformers.Phi3ForCausalLM(config)
+        torch.manual_seed(seed)
+        if self.kind == "moe":
+            config = transformers.OlmoeConfig(
+                **common, intermediate_size=b.hidden, num_experts=b.experts, num_experts_per_tok=2
+            )
+            return transformers.OlmoeForCausalLM(config)
+        return transformers.Phi3ForCausalLM(transformers.Phi3Config(**common, intermediate_size=4 * b.hidden))
 
-
-def build_optimizer(config: str, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
-    hyper = dict(lr=lr, weight_decay=0.1, betas=(0.9, 0.95))
-    if config == "adamw":
-        routing = route_parameters(model)
-        decay = [r.param for r in routing.params if r.decay and r.param.dim() >= 2]
-        rest = [r.param for r in routing.params if not (r.decay and r.param.dim() >= 2)]
-        return torch.optim.AdamW([{"params": decay}, {"params": rest, "weight_decay": 0.0}], **hyper)
-    options: dict[str, Any] = {}
-    if config == "root_per_expert_router_root":
-        options["router_branch"] = "root"
-    if config == "root_fused_old":
-        options.update(router_branch="root", fused_projections="whole")
-    if config.endswith("_whole"):
-        options["fused_projections"] = "whole"
-    groups = route_parameters(model, **options).param_groups(weight_decay=0.1)
-    if config == "root_fused_old":
+    def optimizers(self, model: torch.nn.Module, spec: dict[str, Any], lr: float) -> list[torch.optim.Optimizer]:
+        hyper = dict(lr=lr, weight_decay=0.1, betas=(0.9, 0.95))
+        if spec["kind"] == "adamw":
+            routing = route_parameters(model)
+            decay = [r.param for r in routing.params if r.decay and r.param.dim() >= 2]
+            rest = [r.param for r in routing.params if not (r.decay and r.param.dim() >= 2)]
+            return [torch.optim.AdamW([{"params": decay}, {"params": rest, "weight_decay": 0.0}], **hyper)]
+        options = {k: spec[k] for k in ("router_branch", "fused_projections") if k in spec}
+        groups = route_parameters(model, **options).param_groups(weight_decay=0.1)
         for group in groups:
-            if group["use_root"]:
-                group["matrix_view"] = "flatten"  # one (E, out * in) matrix per fused expert tensor
-    return ROOT(groups, **hyper)
+            if group["use_root"] and "matrix_view" in spec:
+                group["matrix_view"] = spec["matrix_view"]  # "flatten": one (E, out * in) matrix per expert tensor
+        return [ROOT(groups, **hyper)]
 
+    def schedule(self) -> Callable[[int], float]:
+        # `lr_factor(self.plan)` up to the last bit: moe.py's runs always computed pi * k / n, not pi * (k / n)
+        warmup, decay = self.plan.warmup, max(1, self.plan.steps - self.plan.warmup)
+        return lambda i: (i + 1) / warmup if i < warmup else 0.5 * (1 + math.cos(math.pi * (i - warmup) / decay))
 
-# --------------------------------------------------------------------------------------------------------------------
-# One run
-# --------------------------------------------------------------------------------------------------------------------
+    def batches(self, seed: int) -> Iterator[dict[str, torch.Tensor]]:
+        b, g = self.budget, torch.Generator().manual_seed(1234)  # the same batches for every configuration and seed
+        while True:
+            yield {
+                "x": windows(self.train, torch.randint(0, len(self.train) - b.seq - 2, (b.batch,), generator=g), b.seq)
+            }
 
+    def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model(input_ids=batch["x"][:, :-1], labels=batch["x"][:, :-1]).loss
 
-def _key(config: str, lr: float, seed: int, budget: Budget) -> str:
-    shape = {k: v for k, v in asdict(budget).items() if k not in ("lrs", "seeds")}  # what changes one run
-    text = json.dumps({"config": config, "lr": lr, "seed": seed, "budget": shape, "v": 2}, sort_keys=True)
-    return hashlib.sha1(text.encode()).hexdigest()[:12]
-
-
-def run(config: str, lr: float, seed: int, budget: Budget, data: torch.Tensor, cache: Path | None) -> dict[str, Any]:
-    """Train one configuration; returns {"train": [(step, loss)], "eval": [(step, loss)], "seconds": ...}."""
-    path = cache / f"{config}-{lr:g}-{seed}-{_key(config, lr, seed, budget)}.json" if cache else None
-    if path is not None and path.exists():
-        return json.loads(path.read_text())
-    kind = "phi3" if config.startswith("phi3") else "moe"
-    model = make_model(kind, budget, seed)
-    optimizer = build_optimizer(config, model, lr)
-    warmup = max(1, budget.steps // 10)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, budget.steps - warmup)))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    train, held_out = split_corpus(data)
-    g = torch.Generator().manual_seed(1234)  # the same batches for every configuration and seed
-    eval_batch = windows(
-        held_out, torch.linspace(0, len(held_out) - budget.seq - 2, budget.eval_windows).long(), budget.seq
-    )
-
-    def evaluate() -> float:
+    @torch.no_grad()
+    def evaluate(self, model: torch.nn.Module) -> float:
         model.eval()
-        with torch.no_grad():
-            loss = model(input_ids=eval_batch[:, :-1], labels=eval_batch[:, :-1]).loss.item()
+        loss = self.loss(model, {"x": self.eval_batch}).item()
         model.train()
         return loss
 
-    out: dict[str, Any] = {"config": config, "lr": lr, "seed": seed, "train": [], "eval": [(0, evaluate())]}
-    start = time.perf_counter()
-    for step in range(1, budget.steps + 1):
-        batch = windows(train, torch.randint(0, len(train) - budget.seq - 2, (budget.batch,), generator=g), budget.seq)
-        loss = model(input_ids=batch[:, :-1], labels=batch[:, :-1]).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        value = loss.item()
-        out["train"].append((step, value if math.isfinite(value) else float("nan")))
-        if not math.isfinite(value):
-            break
-        if step % budget.eval_every == 0 or step == budget.steps:
-            out["eval"].append((step, evaluate()))
-    out["seconds"] = time.perf_counter() - start
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(out))
-    return out
 
-
-def final(result: dict[str, Any], budget: Budget) -> tuple[float, float]:
-    """(final train loss: mean of the last 10% of steps, final eval loss)."""
-    tail = [v for _, v in result["train"][-max(1, budget.steps // 10) :]]
-    train = sum(tail) / len(tail) if len(result["train"]) == budget.steps else float("nan")
-    return train, result["eval"][-1][1] if len(result["train"]) == budget.steps else float("nan")
+def final(run: dict[str, Any], budget: Budget) -> tuple[float, float]:
+    """(final train loss: mean of the last 10% of steps, final eval loss); NaN for a run that stopped early."""
+    if run["diverged"]:
+        return float("nan"), float("nan")
+    tail = run["train_loss"][-max(1, budget.steps // 10) :]
+    return sum(tail) / len(tail), run["final_eval"]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -249,43 +229,39 @@ def final(result: dict[str, Any], budget: Budget) -> tuple[float, float]:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def study(configs: tuple[str, ...], budget: Budget, cache: Path | None) -> dict[str, dict[str, Any]]:
-    data = corpus_bytes()
+def studies(budget: Budget, cache: Path | None, report_only: bool) -> dict[str, Study]:
+    """model kind -> the harness study of its runs (one corpus read, on the first run to train)."""
+    data: list[torch.Tensor] = []
+
+    def make_task(kind: str) -> ByteLM:
+        data[:] = data or [corpus_bytes()]
+        return ByteLM(kind, budget, data[0])
+
+    return {
+        kind: Study(cache, budget.key(kind), lambda k=kind: make_task(k), report_only=report_only, label=f"[{kind}] ")
+        for kind in ("moe", "phi3")
+    }
+
+
+def study(configs: tuple[str, ...], budget: Budget, runs: dict[str, Study]) -> dict[str, dict[str, Any]]:
+    """The lr sweep of each configuration at the first seed, then its best lr at every seed (`Study.tune`)."""
     rows: dict[str, dict[str, Any]] = {}
     for config in configs:
-        sweep = {}
-        for lr in budget.lrs:
-            result = run(RUN_AS.get(config, config), lr, budget.seeds[0], budget, data, cache)
-            sweep[lr] = final(result, budget)
-            train_loss, eval_loss = sweep[lr]
-            seconds = result["seconds"]
-            print(f"  {config:28s} lr {lr:<6g} train {train_loss:.4f} eval {eval_loss:.4f} ({seconds:.0f} s)")
-
-        def score(lr: float, sweep: dict[float, tuple[float, float]] = sweep) -> float:
-            return sweep[lr][1] if math.isfinite(sweep[lr][1]) else float("inf")
-
-        for _ in range(2):  # extend the grid along LADDER while the best lr sits at its edge
-            lrs = sorted(sweep)
-            best = min(lrs, key=score)
-            if len(lrs) < 2 or best not in (lrs[0], lrs[-1]) or best not in LADDER:
-                break
-            step = 1 if best == lrs[-1] else -1
-            if not 0 <= LADDER.index(best) + step < len(LADDER):
-                break
-            lr = LADDER[LADDER.index(best) + step]
-            result = run(RUN_AS.get(config, config), lr, budget.seeds[0], budget, data, cache)
-            sweep[lr] = final(result, budget)
-            print(f"  {config:28s} lr {lr:<6g} train {sweep[lr][0]:.4f} eval {sweep[lr][1]:.4f} (grid edge)")
-        best = min(sweep, key=score)
-        results = [run(RUN_AS.get(config, config), best, seed, budget, data, cache) for seed in budget.seeds]
-        finals = [final(r, budget) for r in results]
+        kind, spec = SPECS[config]
+        entry = runs[kind].tune(config, spec, budget.lrs, budget.seeds, budget.max_extra_lrs, LR_RANGE)
+        if entry is None:
+            continue
+        sweep = {lr: final(run, budget) for lr, run in entry["sweep"].items()}
+        for lr, (train_loss, eval_loss) in sweep.items():
+            print(f"  {config:28s} lr {lr:<6g} train {train_loss:.4f} eval {eval_loss:.4f}")
+        finals = [final(r, budget) for r in entry["runs"]]
         rows[config] = {
-            "lr": best,
-            "sweep": {str(lr): sweep[lr] for lr in sorted(sweep)},
+            "lr": entry["best_lr"],
+            "sweep": {str(lr): v for lr, v in sweep.items()},
             "train": sum(f[0] for f in finals) / len(finals),
             "eval": sum(f[1] for f in finals) / len(finals),
             "eval_seeds": [f[1] for f in finals],
-            "curves": results[0],
+            "curves": entry["runs"][0],
         }
     return rows
 
@@ -311,16 +287,19 @@ def plot(rows: dict[str, dict[str, Any]], path: Path, title: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for config, row in rows.items():
         curves = row["curves"]
-        steps, losses = zip(*curves["train"], strict=True)
+        losses = curves["train_loss"]
+        steps = range(1, len(losses) + 1)
         smooth = [sum(losses[max(0, i - 9) : i + 1]) / len(losses[max(0, i - 9) : i + 1]) for i in range(len(losses))]
         label = f"{LABELS[config]} (lr {row['lr']:g})"
         axes[0].plot(steps, smooth, label=label)
-        axes[1].plot(*zip(*curves["eval"], strict=True), marker="o", markersize=3, label=label)
+        axes[1].plot(
+            [e[0] for e in curves["evals"]], [e[2] for e in curves["evals"]], marker="o", markersize=3, label=label
+        )
     for ax, name in zip(axes, ("train loss (10-step mean), seed 0", "held-out loss, seed 0"), strict=True):
         ax.set_xlabel("step")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
-    low = min(min(v for _, v in r["curves"]["eval"]) for r in rows.values())
+    low = min(min(e[2] for e in r["curves"]["evals"]) for r in rows.values())
     axes[1].set_ylim(low - 0.05, low + 1.0)
     axes[0].set_ylim(low - 0.3, low + 1.5)
     axes[1].legend(fontsize=8)
@@ -331,16 +310,6 @@ def plot(rows: dict[str, dict[str, Any]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def header(budget: Budget) -> str:
-    import transformers
-
-    return (
-        f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores, "
-        f"torch {torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}\n"
-        f"budget: {asdict(budget)}"
-    )
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--study", choices=("moe", "fused", "all"), default="moe")
@@ -349,27 +318,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default: 0 1)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None, help="folder of the plots (default: docs/img)")
+    parser.add_argument("--report-only", action="store_true", help="table and plots from the cached runs only")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     budget = QUICK if args.quick else Budget()
     if args.steps:
-        budget = Budget(**{**asdict(budget), "steps": args.steps})
+        budget = replace(budget, steps=args.steps)
     if args.seeds:
-        budget = Budget(**{**asdict(budget), "seeds": tuple(args.seeds)})
+        budget = replace(budget, seeds=tuple(args.seeds))
     cache = None if args.quick else RESULTS / "moe"
-    img = args.out or (RESULTS / "moe-quick" if args.quick else ROOT_DIR / "docs" / "img")
-    print(header(budget), flush=True)
+    img = args.out or (RESULTS / "moe-quick" if args.quick else REPO / "docs" / "img")
+    print(json.dumps({"machine": machine_dict(), "versions": library_versions(), "budget": asdict(budget)}))
     out: dict[str, Any] = {}
-    if args.study in ("moe", "all"):
-        rows = study(MOE_CONFIGS, budget, cache)
+    runs = studies(budget, cache, args.report_only)
+    for name, configs in (("moe", MOE_CONFIGS), ("fused", FUSED_CONFIGS)):
+        if args.study in (name, "all"):
+            out[name] = study(configs, budget, runs)
+            if not out[name]:
+                where = f"under {cache}" if cache else "(--quick caches none)"
+                raise SystemExit(f"No cached runs {where}; run without --report-only first.")
+    if "moe" in out:
+        rows = out["moe"]
         print("\nMoE study (tiny OLMoE-style LM, bytes of the chatterbot corpus)\n" + table(rows, budget))
         plot(rows, img / "moe.png", "Tiny OLMoE-style byte LM: per-expert ROOT vs fused view vs AdamW")
-        out["moe"] = rows
-    if args.study in ("fused", "all"):
-        rows = study(FUSED_CONFIGS, budget, cache)
+    if "fused" in out:
+        rows = out["fused"]
         print("\nFused projections: split into logical blocks vs one matrix\n" + table(rows, budget))
         plot(rows, img / "moe_fused.png", "Fused projections: split vs whole")
-        out["fused"] = rows
     return out
 
 

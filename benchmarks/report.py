@@ -78,45 +78,22 @@ def runs_of(study: Any, name: str, variant: str, lr: float, seeds: tuple[int, ..
 
 
 def best_lrs(study: Any, names: tuple[str, ...]) -> dict[str, float]:
-    s = study.setting
-    out = {}
+    """Each optimizer's best lr among its clean runs at the first seed (the lr sweep)."""
+    from benchmarks.harness import best_lr
+
+    seed, out = study.setting.seeds[0], {}
     for name in names:
-        finals = {
-            lr: study.runs[(name, "clean", lr, s.seeds[0])]["final_eval"]
-            for lr in s.lrs
-            if (name, "clean", lr, s.seeds[0]) in study.runs
-        }
-        if finals:
-            out[name] = min(finals, key=lambda lr: (finals[lr], lr))
+        sweep = {lr: r for (n, v, lr, sd), r in study.runs.items() if (n, v, sd) == (name, "clean", seed)}
+        if sweep:
+            out[name] = best_lr(sweep)
     return out
 
 
 def load_cached(study: Any, names: tuple[str, ...]) -> None:
-    """Fill `study.runs` from the cache without running anything (for --report-only)."""
-    from benchmarks.harness import ABLATION_GROUPS, ablation_specs, optimizer_specs
-
-    s = study.setting
-    specs = optimizer_specs()
-
-    def load(name: str, spec: dict[str, Any], variant: str, lr: float, seed: int) -> None:
-        path = study.path(spec, variant, lr, seed)
-        if path.exists():
-            study.runs[(name, variant, lr, seed)] = json.loads(path.read_text())
-
-    for name in names:
-        for lr in s.lrs:
-            for seed in s.seeds:
-                for variant in s.variants:
-                    load(name, specs[name], variant, lr, seed)
-    best = best_lrs(study, names)
-    abl = ablation_specs()
-    if "ROOT" in best:
-        for group in ABLATION_GROUPS.values():
-            for variant in group["variants"]:
-                for row in group["rows"]:
-                    if row in abl:
-                        for seed in s.ablation_seeds:
-                            load(row, abl[row], variant, best["ROOT"], seed)
+    """Fill `study.runs` from the cache without running anything (for --report-only): the study's own plan (lr
+    sweep, seeds, variants, ablations), each run loaded if it is cached."""
+    study.report_only = True
+    study.run_all(names, ablations=True)
 
 
 def curve(runs: list[dict[str, Any]]) -> tuple[list[int], list[float], list[float], list[float]]:
@@ -810,7 +787,7 @@ def main(argv: list[str] | None = None) -> None:
     """Re-render the page from the cached runs only (`convergence.py --report-only` does the same)."""
     import argparse
 
-    from benchmarks.harness import MAIN_OPTIMIZERS, QUICK, REPO, RESULTS, SETTINGS, Study
+    from benchmarks.harness import MAIN_OPTIMIZERS, QUICK, REPO, RESULTS, SETTINGS, SettingStudy
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="render the --quick runs (results/quick, no docs/)")
@@ -818,7 +795,7 @@ def main(argv: list[str] | None = None) -> None:
     results = RESULTS / "quick" if args.quick else RESULTS
     docs = results / "docs" if args.quick else REPO / "docs"
     settings = {k: dataclasses.replace(v, **QUICK[k]) for k, v in SETTINGS.items()} if args.quick else SETTINGS
-    studies = {k: Study(s, results, 1, False) for k, s in settings.items() if (results / k).is_dir()}
+    studies = {k: SettingStudy(s, results, report_only=True) for k, s in settings.items() if (results / k).is_dir()}
     if not studies:
         sys.exit(f"No cached runs under {results}: run `python benchmarks/convergence.py{' --quick' * args.quick}`.")
     speed_json = results / "step_time.json"

@@ -30,4 +30,6 @@ def test_moe_benchmark_quick_mode_runs_every_configuration_and_plots(tmp_path):
     assert (tmp_path / "moe.png").stat().st_size > 0 and (tmp_path / "moe_fused.png").stat().st_size > 0
     # the same seed, data and lr: per-expert ROOT and the old fused view start equal and then differ
     per_expert, fused = out["moe"]["root_per_expert"]["curves"], out["moe"]["root_fused_old"]["curves"]
-    assert per_expert["eval"][0] == fused["eval"][0] and per_expert["train"] != fused["train"]
+    assert per_expert["evals"][0] == fused["evals"][0] and per_expert["train_loss"] != fused["train_loss"]
+    # moe_split is root_per_expert's computation (the same spec): the harness hands back the same runs
+    assert out["fused"]["moe_split"]["eval_seeds"] == out["moe"]["root_per_expert"]["eval_seeds"]

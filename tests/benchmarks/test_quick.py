@@ -37,7 +37,7 @@ def run_quick(study: str, results: Path) -> subprocess.CompletedProcess:
 
 
 def test_every_study_is_listed():
-    assert {"convergence.py", "lora.py", "report.py", "import_time.py"} <= set(STUDIES)
+    assert {"convergence.py", "lora.py", "moe.py", "report.py", "import_time.py"} <= set(STUDIES)
 
 
 def test_harness_imports_no_study():
