@@ -1,7 +1,8 @@
 """root_hf's interpreter-startup hook: `optim="root"` in every Hugging Face entry point, with no import by the user.
 
-The wheel (and the editable install) ships `root_hf_autoload.pth` into site-packages; its one line,
-`import _root_hf_autoload; _root_hf_autoload.autoload()`, runs when Python starts. `autoload()` puts one finder first
+The wheel (and the editable install) ships `root_hf_autoload.pth` into site-packages; its one line imports this
+package and calls `autoload()` when Python starts (and does nothing when the package is gone, e.g. an editable
+install whose checkout was moved: no traceback at every interpreter start). `autoload()` puts one finder first
 in `sys.meta_path` and returns: this package's `__init__` needs only `os` and `sys` (already loaded at start-up),
 never imports torch or transformers, and is kept small so that it costs well under a millisecond in processes that
 never import transformers (measured figures: docs/guides/trainer.md). For any other module the finder costs one dict

@@ -24,6 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import ctypes
 import json
 import logging
 import math
@@ -83,6 +84,22 @@ def parse_args(argv: list[str] | None = None) -> tuple[ScriptArguments, SFTConfi
         argv = ["--config", str(DEFAULT_CONFIG), *argv]
     parser = TrlParser((ScriptArguments, SFTConfig, ModelConfig, RecipeArguments))
     return parser.parse_args_and_config(argv)
+
+
+def keep_freed_memory_on_cpu() -> None:
+    """On Linux (glibc), serve large blocks from the heap and keep freed memory there instead of returning it.
+
+    On CPU, TRL's fused LM head scores every position in (tokens x 16384) float32 tiles, several allocated and freed
+    per step; glibc maps each from the OS and unmaps it on free, so every step page-faults them in again. Measured on
+    the default run (10 steps): 20 s of system time vs 4 s with this, 39 s vs 32 s of training. PyTorch's CPU
+    performance guide gets the same effect by preloading jemalloc or tcmalloc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (macOS, musl): nothing to tune
+        return
+    libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD: blocks up to 1 GiB come from the heap
+    libc.mallopt(-1, (1 << 31) - 1)  # M_TRIM_THRESHOLD: never shrink the heap on free
 
 
 def load_model_and_tokenizer(model_args: ModelConfig, training_args: SFTConfig) -> tuple[Any, Any, str]:
@@ -257,6 +274,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     script_args, training_args, model_args, recipe_args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logger.setLevel(logging.INFO if training_args.process_index == 0 else logging.WARNING)
+    if sys.platform == "linux" and training_args.device.type == "cpu":
+        keep_freed_memory_on_cpu()
     start = time.perf_counter()
     train, evaluation = map(datasets.Dataset.from_list, load_conversations(script_args, recipe_args))  # before loading
     model, tokenizer, base = load_model_and_tokenizer(model_args, training_args)

@@ -214,9 +214,21 @@ def test_startup_hook_runs_without_importing_torch_or_transformers(hook_python, 
 
 def test_the_pth_file_is_one_import_line_shipped_in_the_wheel():
     lines = (REPO / PTH).read_text().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("import _root_hf_autoload;")
+    assert len(lines) == 1 and lines[0].startswith("import ")  # site.py executes only lines starting with "import"
+    assert "_root_hf_autoload.autoload()" in lines[0]
     pyproject = (REPO / "pyproject.toml").read_text()
     assert f'"{PTH}" = "{PTH}"' in pyproject and '"_root_hf_autoload"' in pyproject
+
+
+def test_the_pth_line_is_silent_when_the_package_is_gone(tmp_path):
+    # An editable install whose checkout was moved leaves the .pth behind: Python must start without a traceback.
+    (tmp_path / PTH).write_text((REPO / PTH).read_text())
+    code = "import site, sys; site.addsitedir(sys.argv[1]); print('ok')"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run(
+        [sys.executable, "-S", "-c", code, str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "ok" and result.stderr == "", result.stderr
 
 
 def test_training_args_accept_optim_root_with_no_import(hook_python, tmp_path):
