@@ -34,12 +34,14 @@ __all__ = ["AdjustLrFn", "adamw", "adjusted_lr_ratio", "root"]
 
 AdjustLrFn = Literal["match_rms_adamw", "original"] | None
 _HALF = (torch.float16, torch.bfloat16)
-# Largest batch of same-shape matrices clipped and orthogonalized in one call, in elements (an entry larger than this,
-# e.g. a whole fused expert tensor, still runs, alone). The batch's U_t, its NS-dtype copy and the NS work buffers are
-# the step's temporary memory. Measured on 6 SmolLM2-135M layers, bf16 NS, 1 thread (benchmarks/step_time.py
-# --sections temp-memory; torch.optim.Muon, one matrix at a time: 8.5 MiB): whole buckets 117 MiB; 2**22 46 MiB at the
-# same speed; 2**20 11.8 MiB (1.41x Muon) but a 1.34x slower step at 2 threads. 2**22 keeps the speed.
-MAX_BATCH_ELEMENTS = 2**22
+# Largest batch of same-shape matrices clipped and orthogonalized in one call, in elements per intra-op thread
+# (`torch.get_num_threads()`; an entry larger than this, e.g. a whole fused expert tensor, still runs, alone). The
+# batch's U_t, its NS-dtype copy and the NS work buffers are the step's temporary memory. Measured on an Intel Xeon
+# with AMX (ROOT step / torch.optim.Muon step, bf16 NS, interleaved medians; docs/benchmarks.md), batches of at most
+# 2**22 / 2**21 / 2**20 elements: 6 SmolLM2-135M layers 1.30x / 1.19x / 1.20x at 1 thread and 0.82x / 0.77x / 1.04x
+# at 2 threads; 2 Llama-3.2-1B layers 1.14x / 1.05x / 1.12x (1 thread), 1.02x / 1.00x / 0.97x (2 threads). Large
+# batches thrash the caches of one core; batches of one matrix leave the other cores idle (bmm splits the batch).
+MAX_BATCH_ELEMENTS_PER_THREAD = 2**20
 
 
 def adjusted_lr_ratio(adjust_lr_fn: AdjustLrFn, shape: Iterable[int]) -> float:
@@ -149,8 +151,7 @@ def root(
         params, grads = [params[i] for i in keep], [grads[i] for i in keep]
         momentum_buffers = [momentum_buffers[i] for i in keep]
     plan = plan_for(params, process_group)
-    ortho = functools.partial(
-        _orthogonalize_batch,
+    ortho = _Orthogonalizer(
         clip_quantile=clip_quantile,
         ns_steps=ns_steps,
         ns_coefficients=ns_coefficients,
@@ -223,7 +224,7 @@ class _Step:
         *,
         momentum: float,
         nesterov: bool,
-        ortho: Callable[..., torch.Tensor],
+        ortho: _Orthogonalizer,
         lr: float,
         adjust_lr_fn: AdjustLrFn,
         work_dtype: torch.dtype,
@@ -257,29 +258,42 @@ class _Step:
                 if v.batch * blk.shape[0] * blk.shape[1] > 0:  # zero-size matrices: nothing to do
                     buckets[blk.shape].append((j, blk))
         for (m, n), entries in _chunks(buckets, views):
-            u = torch.empty(
-                (sum(views[j].batch for j, _ in entries), m, n), dtype=self.work_dtype, device=b_loc[0].device
-            )
-            k = 0
-            for j, blk in entries:
-                out = u[k : k + views[j].batch]
-                buf = b3[j][:, blk.rows, blk.cols]
-                if self.nesterov:
-                    torch.add(g3[j][:, blk.rows, blk.cols], buf, alpha=self.momentum, out=out)  # U_t = G_t + mu M_t
-                else:
-                    out.copy_(buf)
-                k += views[j].batch
-            x = self.ortho(u)
+            u = self._stack_direction(entries, views, g3, b3, (m, n), b_loc[0].device)
+            x = self.ortho.prepare(u)
+            del u  # the work-dtype U_t batch goes before Newton-Schulz allocates (the step's peak temporary memory)
+            x = self.ortho.iterate(x, (m, n))
             alpha = self._alpha((m, n))
             k = 0
             for j, blk in entries:
                 # mixed dtypes promote inside the in-place add
                 p3[j][:, blk.rows, blk.cols].add_(x[k : k + views[j].batch], alpha=alpha)
                 k += views[j].batch
-            del u, x
+            del x
         for p, w in zip(p_loc, work, strict=True):
             if w is not p:
                 p.copy_(w)
+
+    def _stack_direction(
+        self,
+        entries: list[tuple[int, Block]],
+        views: list[ParamView],
+        g3: list[torch.Tensor],
+        b3: list[torch.Tensor],
+        shape: tuple[int, int],
+        device: torch.device,
+    ) -> torch.Tensor:
+        """`U_t` of every matrix of one bucket chunk, written straight into one `(batch, m, n)` buffer."""
+        u = torch.empty((sum(views[j].batch for j, _ in entries), *shape), dtype=self.work_dtype, device=device)
+        k = 0
+        for j, blk in entries:
+            out = u[k : k + views[j].batch]
+            buf = b3[j][:, blk.rows, blk.cols]
+            if self.nesterov:
+                torch.add(g3[j][:, blk.rows, blk.cols], buf, alpha=self.momentum, out=out)  # U_t = G_t + mu M_t
+            else:
+                out.copy_(buf)
+            k += views[j].batch
+        return u
 
     def ddp(
         self,
@@ -360,13 +374,15 @@ class _Step:
 def _chunks(
     buckets: dict[tuple[int, int], list[tuple[int, Block]]], views: list[ParamView]
 ) -> Iterable[tuple[tuple[int, int], list[tuple[int, Block]]]]:
-    """Each bucket cut into consecutive runs of at most `MAX_BATCH_ELEMENTS` elements (at least one entry each)."""
+    """Each bucket cut into consecutive runs of at most `MAX_BATCH_ELEMENTS_PER_THREAD * torch.get_num_threads()`
+    elements (at least one entry each)."""
+    limit = MAX_BATCH_ELEMENTS_PER_THREAD * torch.get_num_threads()
     for (m, n), entries in buckets.items():
         run: list[tuple[int, Block]] = []
         size = 0
         for j, blk in entries:
             elements = views[j].batch * m * n
-            if run and size + elements > MAX_BATCH_ELEMENTS:
+            if run and size + elements > limit:
                 yield (m, n), run
                 run, size = [], 0
             run.append((j, blk))
@@ -400,53 +416,80 @@ def _orthogonalize_owned(
     return results
 
 
-def _orthogonalize_batch(
-    u: torch.Tensor,
-    *,
-    clip_quantile: float | None,
-    ns_steps: int,
-    ns_coefficients: ScheduleSpec,
-    eps: float,
-    ns_dtype: NsDtype,
-    lr: float,
-    adjust_lr_fn: AdjustLrFn,
-    diagnostics: dict[str, list[torch.Tensor]] | None,
-    schedules: Mapping[tuple[int, int], Schedule],
-) -> torch.Tensor:
+class _Orthogonalizer:
     """`U_t` (batch, m, n) -> `X_K`: clip (-> `B_t`), normalize, cast to the NS dtype, Newton-Schulz.
 
-    `u` is overwritten. Returns the batch in the NS dtype (the work dtype when `ns_steps == 0`); tall matrices may
-    come back as a transposed view (see `root_hf.optim.newton_schulz.newton_schulz`).
+    Two stages, so that a caller can drop its `U_t` batch between them: `prepare` clips and normalizes `u` in place
+    and returns the NS input (a new tensor unless the NS dtype is the work dtype; a tall half-precision batch comes
+    back transposed, `(batch, n, m)`, see `root_hf.optim.newton_schulz.newton_schulz`); `iterate` runs the schedule
+    and returns the `(batch, m, n)` result in the NS dtype (the work dtype when `ns_steps == 0`), possibly a transposed
+    view. Calling the object runs both.
     """
-    work_dtype = u.dtype
-    m, n = u.shape[-2:]
-    x = u
-    if clip_quantile is not None:
-        unclipped = u.clone() if diagnostics is not None else u
-        thresh = soft_threshold_clip_(u, clip_quantile)  # B_t = U_t - O_t = clamp(U_t, -eps_t, eps_t), in place
-        if diagnostics is not None:
-            rms = unclipped.square().mean(dim=(1, 2)).sqrt()
-            fraction = (unclipped.abs() > thresh.view(-1, 1, 1)).float().mean(dim=(1, 2))
-            diagnostics["clip_fraction"].append(fraction)
-            diagnostics["eps_over_rms"].append(thresh / rms.clamp(min=torch.finfo(rms.dtype).tiny))
-    if ns_steps > 0:
+
+    def __init__(
+        self,
+        *,
+        clip_quantile: float | None,
+        ns_steps: int,
+        ns_coefficients: ScheduleSpec,
+        eps: float,
+        ns_dtype: NsDtype,
+        lr: float,
+        adjust_lr_fn: AdjustLrFn,
+        diagnostics: dict[str, list[torch.Tensor]] | None,
+        schedules: Mapping[tuple[int, int], Schedule],
+    ) -> None:
+        self.clip_quantile, self.ns_steps, self.ns_coefficients = clip_quantile, ns_steps, ns_coefficients
+        self.eps, self.ns_dtype, self.lr, self.adjust_lr_fn = eps, ns_dtype, lr, adjust_lr_fn
+        self.diagnostics, self.schedules = diagnostics, schedules
+
+    def __call__(self, u: torch.Tensor) -> torch.Tensor:
+        return self.iterate(self.prepare(u), tuple(u.shape[-2:]))
+
+    def prepare(self, u: torch.Tensor) -> torch.Tensor:
+        work_dtype = u.dtype
+        m, n = u.shape[-2:]
+        diagnostics = self.diagnostics
+        if self.clip_quantile is not None:
+            unclipped = u.clone() if diagnostics is not None else None
+            # B_t = U_t - O_t = clamp(U_t, -eps_t, eps_t), in place
+            thresh = soft_threshold_clip_(u, self.clip_quantile)
+            if unclipped is not None:
+                rms = unclipped.square().mean(dim=(1, 2)).sqrt()
+                fraction = (unclipped.abs() > thresh.view(-1, 1, 1)).float().mean(dim=(1, 2))
+                diagnostics["clip_fraction"].append(fraction)
+                diagnostics["eps_over_rms"].append(thresh / rms.clamp(min=torch.finfo(rms.dtype).tiny))
+                del unclipped
+        if self.ns_steps == 0:
+            return u  # orthogonalization off: the update is the (clipped) momentum itself
         # Normalize in the work dtype (float32 or wider), then cast once: dividing a bfloat16 batch by a float32 norm
         # is a slow mixed-dtype broadcast on CPU (37 ms vs 3.4 ms on 12 x 1536 x 576), and rounding after the
         # division is the more accurate order.
         norm_dtype = torch.promote_types(work_dtype, torch.float32)
         norm = torch.linalg.vector_norm(u, dim=(1, 2), keepdim=True, dtype=norm_dtype)
-        u.div_(norm + eps)  # X_0 = B_t / (||B_t||_F + eps)
-        x = u.to(_out_dtype(ns_steps, ns_dtype, u.device, work_dtype))
-        schedule = schedules.get((m, n))
-        if schedule is None:
-            schedule = get_schedule(ns_coefficients, (m, n), ns_steps)
-        x = newton_schulz(x, schedule)
-    # else: orthogonalization off, the update is the (clipped) momentum itself
-    if diagnostics is not None:
-        scale = adjusted_lr_ratio(adjust_lr_fn, (m, n))
-        diagnostics["update_rms"].append(lr * scale * x.float().square().mean(dim=(1, 2)).sqrt())
-        diagnostics["ortho_error"].append(_ortho_error(x))
-    return x
+        u.div_(norm + self.eps)  # X_0 = B_t / (||B_t||_F + eps)
+        x = u.to(_out_dtype(self.ns_steps, self.ns_dtype, u.device, work_dtype))
+        if m > n and x.dtype in _HALF:
+            # iterated as its transpose (see newton_schulz); transposed here, so the untransposed copy is freed before
+            # the iteration allocates its buffers
+            x = x.mT.contiguous()
+        return x
+
+    def iterate(self, x: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+        m, n = shape
+        if self.ns_steps > 0:
+            schedule = self.schedules.get((m, n))
+            if schedule is None:
+                schedule = get_schedule(self.ns_coefficients, (m, n), self.ns_steps)
+            transposed = x.shape[-2:] != (m, n)
+            x = newton_schulz(x, schedule)
+            if transposed:
+                x = x.mT
+        if self.diagnostics is not None:
+            scale = adjusted_lr_ratio(self.adjust_lr_fn, (m, n))
+            self.diagnostics["update_rms"].append(self.lr * scale * x.float().square().mean(dim=(1, 2)).sqrt())
+            self.diagnostics["ortho_error"].append(_ortho_error(x))
+        return x
 
 
 def _ortho_error(x: torch.Tensor) -> torch.Tensor:

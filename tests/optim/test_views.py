@@ -214,7 +214,7 @@ def test_bucket_cut_into_batches_equals_one_batch(monkeypatch, limit):
             for p, g in zip(ps, grads, strict=True):
                 p.grad = g.clone()
         opt_whole.step()
-        monkeypatch.setattr(functional, "MAX_BATCH_ELEMENTS", limit)
+        monkeypatch.setattr(functional, "MAX_BATCH_ELEMENTS_PER_THREAD", limit // torch.get_num_threads())
         opt_cut.step()
         monkeypatch.undo()
     for a, b in zip(whole, cut, strict=True):
