@@ -202,9 +202,14 @@ def root(
             )
 
 
+def _momentum_(buf: torch.Tensor, g: torch.Tensor, momentum: float) -> None:
+    """`M_t = mu M_{t-1} + G_t` in place, in one pass (`mul_` then `add_` would read and write the buffer twice)."""
+    torch.add(g, buf, alpha=momentum, out=buf)
+
+
 def _momentum_direction_(g: torch.Tensor, buf: torch.Tensor, momentum: float, nesterov: bool) -> torch.Tensor:
     """Update `buf` in place to `M_t = mu M_{t-1} + G_t`; return `U_t` (a new tensor, or `buf` itself)."""
-    buf.mul_(momentum).add_(g)
+    _momentum_(buf, g, momentum)
     return torch.add(g, buf, alpha=momentum) if nesterov else buf  # U_t = G_t + mu M_t
 
 
@@ -253,7 +258,7 @@ class _Step:
         b3 = [as_batch(b, v) for b, v in zip(b_loc, views, strict=True)]
         buckets: dict[tuple[int, int], list[tuple[int, Block]]] = defaultdict(list)
         for j, v in enumerate(views):
-            b_loc[j].mul_(self.momentum).add_(g_loc[j])  # M_t = mu M_{t-1} + G_t
+            _momentum_(b_loc[j], g_loc[j], self.momentum)
             for blk in v.blocks:
                 if v.batch * blk.shape[0] * blk.shape[1] > 0:  # zero-size matrices: nothing to do
                     buckets[blk.shape].append((j, blk))
@@ -322,7 +327,7 @@ class _Step:
         shapes = [blk.shape for _, _, blk in units]
         owners = assign_owners(shapes, plan.world_size)
         for j in range(len(views)):
-            b_loc[j].mul_(self.momentum).add_(g_loc[j])  # M_t; U_t is only needed by the owner
+            _momentum_(b_loc[j], g_loc[j], self.momentum)  # U_t is only needed by the owner
         u = {}
         for q, (j, e, blk) in enumerate(units):
             if owners[q] == plan.rank:
