@@ -15,6 +15,9 @@ Sections (all by default):
 - ``sweep``: step time of one Llama-style layer (intermediate = 8/3 hidden) for hidden in {256, 576, 1024, 2048}.
 - ``memory``: optimizer-state bytes per parameter of the full SmolLM2-135M architecture (random weights, all 30
   layers), read from the real optimizer state after one step.
+- ``batch-cap`` (ask for it): ROOT's step (bf16 NS) under each candidate of
+  ``root_hf.optim.functional.MAX_BATCH_ELEMENTS_PER_THREAD`` (2**22, 2**21, 2**20) against ``torch.optim.Muon``,
+  interleaved in one process, per shape set: the figures the default cap was chosen from.
 
 ``--save`` writes every figure as JSON (default ``benchmarks/results/step_time.json``), which
 ``benchmarks/convergence.py`` puts on the results page. Wall-clock figures on a shared machine are noisy; medians.
@@ -39,6 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import root_hf.optim.functional as root_functional
 from benchmarks.harness import (
     SMOLLM2_135M,
     interleaved_medians,
@@ -55,7 +59,9 @@ from root_hf.optim.functional import adjusted_lr_ratio
 from root_hf.optim.newton_schulz import newton_schulz, resolve_ns_dtype
 from root_hf.schedules import DEFAULT_SCHEDULE
 
-SECTIONS = ("main", "breakdown", "sweep", "memory", "peers", "ns-dtype", "temp-memory", "first-step", "e2e")
+SECTIONS = (
+    "main", "breakdown", "sweep", "memory", "peers", "ns-dtype", "temp-memory", "first-step", "batch-cap", "e2e"
+)  # fmt: skip
 # what convergence.py's results page reads (collect()'s default); the CLI default adds the issue 16 sections
 LEGACY_SECTIONS = ("main", "breakdown", "sweep", "memory")
 CLI_DEFAULT = ("peers", "ns-dtype", "temp-memory", "first-step", "main", "breakdown", "sweep", "memory")
@@ -973,6 +979,44 @@ def run_e2e(rounds: int, device: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------------------------
 
 
+BATCH_CAPS_PER_THREAD = (2**22, 2**21, 2**20)  # root_hf.optim.functional.MAX_BATCH_ELEMENTS_PER_THREAD candidates
+
+
+def run_batch_cap(shape_sets: tuple[str, ...], rounds: int, device: str) -> dict[str, Any]:
+    """ROOT's step (bf16 NS) under each batch cap per thread vs `torch.optim.Muon`, interleaved in one process.
+
+    The cap (`MAX_BATCH_ELEMENTS_PER_THREAD`) is a module constant read at each step; each ROOT instance runs under its
+    own value, restored after the section.
+    """
+    print("\n== batch-cap: ROOT step (bf16 NS) / torch.optim.Muon step for each batch cap per thread ==")
+    default = root_functional.MAX_BATCH_ELEMENTS_PER_THREAD
+    out: dict[str, Any] = {"threads": torch.get_num_threads(), "default": default, "sets": {}}
+    try:
+        for name in shape_sets:
+            dims, layers = SHAPE_SETS[name]
+            fns: dict[str, Callable[[], None]] = {}
+            for cap in BATCH_CAPS_PER_THREAD:
+                params = make_params(layers, device, dims=dims)
+                opt = ROOT(params, lr=1e-3, ns_dtype="bfloat16")
+
+                def step(opt: ROOT = opt, cap: int = cap) -> None:
+                    root_functional.MAX_BATCH_ELEMENTS_PER_THREAD = cap
+                    opt.step()
+
+                fns[f"2**{cap.bit_length() - 1}"] = with_grads(step, params, device)
+            params = make_params(layers, device, dims=dims)
+            fns["torch.optim.Muon"] = with_grads(torch.optim.Muon(params, lr=1e-3).step, params, device)
+            ms = {k: v * 1e3 for k, v in interleaved_medians(fns, rounds).items()}
+            ratios = {k: v / ms["torch.optim.Muon"] for k, v in ms.items() if k != "torch.optim.Muon"}
+            print(f"-- {name} ({layers} layers), {torch.get_num_threads()} thread(s), {rounds} rounds")
+            for k, v in ms.items():
+                print(f"  {k:<18} {v:9.1f} ms" + (f"  {ratios[k]:.3f}x torch Muon" if k in ratios else ""))
+            out["sets"][name] = {"ms": ms, "ratio_to_muon": ratios}
+    finally:
+        root_functional.MAX_BATCH_ELEMENTS_PER_THREAD = default
+    return out
+
+
 def collect(
     sections: tuple[str, ...] = LEGACY_SECTIONS,
     *,
@@ -1018,6 +1062,8 @@ def collect(
         result["temp_memory"] = run_temp_memory(shape_sets, device, threads, ns_dtypes)
     if "first-step" in sections:
         result["first_step"] = run_first_step(device, threads)
+    if "batch-cap" in sections:
+        result["batch_cap"] = run_batch_cap(shape_sets, rounds, device)
     if "main" in sections:
         result["main"] = run_main(layers, steps, device)
     if "breakdown" in sections:
