@@ -76,6 +76,10 @@ def main():
             json.dump(summary, f)
     # Close the process group before exit, as accelerate's end_training() does: a gloo group left to interpreter
     # shutdown aborted one rank once ("terminate called without an active exception") after training had finished.
+    # The DDP wrapper (its Reducer holds the group) goes first: freed after destroy_process_group, its gloo destructor
+    # waited forever for a peer that had exited (one rank hung at exit in CI, py-spy: ~ProcessGroupGloo in ~Reducer).
+    del trainer, model, opt
+    __import__("gc").collect()
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
