@@ -7,6 +7,7 @@ restored run continues exactly like the original. Rank 0 writes OUT_DIR/result.j
 
 import copy
 import json
+import os
 import sys
 
 import torch
@@ -219,3 +220,10 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    # Results are written and the group destroyed; skip the interpreter's teardown. Destructors of gloo process
+    # groups still referenced there (device meshes, DDP/FSDP state) aborted a rank at exit under torch 2.13 CPU
+    # ("terminate called without an active exception", exit code -6) after a correct run: a flaky failure of a passed
+    # test. An exception in main() still exits non-zero before this line.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
