@@ -1,0 +1,125 @@
+"""benchmarks/distributed_sim.py: the model of ROOT's owner split at 64 GPUs is consistent (pure arithmetic, fast)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from benchmarks import distributed_sim as sim
+
+A = sim.Assumptions()
+
+
+@pytest.fixture(scope="module")
+def rows_8b() -> dict[tuple[str, str], dict[str, object]]:
+    rows, groups = sim.simulate(sim.LLAMA_8B, A)
+    return {(r["layout"], r["design"]): r for r in rows + groups}
+
+
+@pytest.mark.parametrize("model", [sim.LLAMA_8B, sim.LLAMA_70B], ids=lambda m: m.name)
+def test_parameter_count_matches_the_published_size(model):
+    assert abs(model.params() / model.published_params - 1) < 0.03
+
+
+def test_owner_split_moves_fewer_bytes_and_takes_less_time_than_gather_everywhere(rows_8b):
+    for layout in ("HSDP 8 x 8", "FSDP 8 x TP 8"):
+        owner, everywhere = rows_8b[(layout, "owner split")], rows_8b[(layout, "gather everywhere")]
+        for side in ("sent", "recv"):
+            moved = [r[f"nv_{side}_total"] + r[f"net_{side}_total"] for r in (owner, everywhere)]
+            assert moved[0] < moved[1] / 4
+        for form in ("std", "gram", "auto"):
+            assert owner[f"total_{form}_s"] < everywhere[f"total_{form}_s"] / 4
+            assert owner[f"flops_{form}_max"] < everywhere[f"flops_{form}_max"] / 32
+
+
+def test_busiest_rank_does_at_least_the_mean_and_exactly_it_when_every_rank_computes_everything(rows_8b):
+    for (_, design), r in rows_8b.items():
+        for form in ("std", "gram", "auto"):
+            assert r[f"busiest_over_mean_{form}"] >= 1 - 1e-12
+            if design == "gather everywhere":
+                assert r[f"busiest_over_mean_{form}"] == pytest.approx(1.0)
+
+
+def test_flop_totals_equal_the_sum_over_matrices_times_the_copies_computed(rows_8b):
+    costs = sim.ns_costs(sim.LLAMA_8B.matrices(), A)
+    copies = {
+        ("HSDP 8 x 8", "owner split"): 1,
+        ("HSDP 8 x 8", "owner split within each node (replicas repeat)"): A.nodes,
+        ("HSDP 8 x 8", "replica groups of 2"): A.nodes // 2,
+        ("HSDP 8 x 8", "gather everywhere"): A.gpus,
+        ("FSDP 8 x TP 8", "owner split"): 1,
+        ("FSDP 8 x TP 8", "gather everywhere"): A.gpus,
+    }
+    for key, n in copies.items():
+        for form, cost in costs.items():
+            assert rows_8b[key][f"flops_{form}_total"] == n * sum(cost)
+
+
+def test_every_byte_sent_is_received_on_the_same_kind_of_link(rows_8b):
+    for r in rows_8b.values():
+        assert r["nv_sent_total"] == pytest.approx(r["nv_recv_total"], rel=1e-12)
+        assert r["net_sent_total"] == pytest.approx(r["net_recv_total"], rel=1e-12)
+
+
+def test_gather_moves_to_the_owner_what_it_does_not_hold_and_the_scatter_the_same_back():
+    mats = sim.LLAMA_8B.matrices()
+    design = sim.fsdp_tp_owner_split(mats, sim.ns_costs(mats, A), A.nodes, A.gpus_per_node)
+    elements = sum(m * n for _, m, n, _ in mats)  # every dim here divides by 8: each rank holds 1/64
+    for phase, nbytes in (("gather", sim.GATHER_BYTES), ("scatter", sim.SCATTER_BYTES)):
+        t = design.phases[phase]
+        assert sum(t.nv_recv) + sum(t.net_recv) == pytest.approx(elements * nbytes * 63 / 64, rel=1e-12)
+        assert sum(t.nv_recv) == pytest.approx(elements * nbytes * 7 / 64, rel=1e-12)  # the owner's node
+
+
+def test_hsdp_replicas_receive_the_rows_of_the_results_owned_in_other_nodes():
+    mats = sim.LLAMA_8B.matrices()
+    design = sim.hsdp_owner_split(mats, sim.ns_costs(mats, A), A.nodes, A.gpus_per_node, A.nodes)
+    elements = sum(m * n for _, m, n, _ in mats)
+    per_rank = sum(design.phases["replicas"].net_recv) / A.gpus
+    assert per_rank == pytest.approx((A.nodes - 1) / A.nodes * elements / A.gpus_per_node * sim.SCATTER_BYTES)
+    assert sum(design.phases["replicas"].nv_recv) == 0  # replicas live in other nodes
+
+
+def test_more_nodes_per_replica_group_trade_flops_for_network_bytes(rows_8b):
+    groups = [rows_8b[("HSDP 8 x 8", f"replica groups of {g}")] for g in (1, 2, 4, 8)]
+    assert groups[0]["net_recv_max"] == 0
+    assert all(a["net_recv_total"] < b["net_recv_total"] for a, b in itertools.pairwise(groups))
+    assert all(a["flops_std_max"] > b["flops_std_max"] for a, b in itertools.pairwise(groups))
+
+
+@pytest.mark.parametrize(("m", "n"), [(4096, 4096), (14336, 4096), (4096, 14336), (1024, 8192), (7, 300)])
+def test_ns_flops_follow_the_closed_forms(m, n):
+    k, big = min(m, n), max(m, n)
+    assert sim.ns_flops_standard(m, n) == 5 * (4 * k * k * big + 2 * k**3)
+    assert sim.ns_flops_gram(m, n, restarts=(2,)) == 8 * k * k * big + 28 * k**3
+    assert sim.ns_flops_gram(m, n, restarts=()) == 4 * k * k * big + 34 * k**3
+    assert sim.ns_flops_gram(m, n) == sim.ns_flops_gram(n, m)
+    # with one restart the Gram form is cheaper exactly when K > 1.5 k
+    assert (sim.ns_flops_gram(m, n) < sim.ns_flops_standard(m, n)) == (2 * big > 3 * k)
+
+
+def test_greedy_owners_keep_the_busiest_rank_within_one_matrix_of_the_mean():
+    costs = sim.ns_costs(sim.LLAMA_70B.matrices(), A)["std"]
+    for ranks in (8, 64, 500):
+        owners = sim.lpt_owners(costs, ranks)
+        load = [0] * ranks
+        for i, r in enumerate(owners):
+            load[r] += costs[i]
+        assert sum(load) == sum(costs) and max(load) <= sum(costs) / ranks + max(costs)
+
+
+@pytest.mark.parametrize(("length", "parts"), [(4096, 8), (101, 2), (1024, 64), (3, 8), (1000, 7)])
+def test_shard_sizes_are_torch_chunk_sizes(length, parts):
+    expected = [len(c) for c in torch.arange(length).chunk(parts)]
+    assert sim.chunks(length, parts) == expected + [0] * (parts - len(expected))
+
+
+def test_quick_run_prints_every_table(capsys):
+    out = sim.main(["--quick"])
+    text = capsys.readouterr().out
+    assert {r["model"] for r in out["rows"]} == {"Llama-3.1-8B"}
+    for heading in ("Assumptions", "Newton-Schulz FLOPs per matrix", "busiest rank", "replica groups", "AdamW's own"):
+        assert heading in text
+    assert text.count("| Llama-3.1-8B |") == 4 + len(out["rows"]) + len(out["groups"]) + 2
