@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import pytest
 import torch
@@ -123,3 +124,12 @@ def test_quick_run_prints_every_table(capsys):
     for heading in ("Assumptions", "Newton-Schulz FLOPs per matrix", "busiest rank", "replica groups", "AdamW's own"):
         assert heading in text
     assert text.count("| Llama-3.1-8B |") == 4 + len(out["rows"]) + len(out["groups"]) + 2
+
+
+def test_docs_show_the_tables_the_script_prints(capsys):
+    sim.main([])
+    printed = {line for line in capsys.readouterr().out.splitlines() if line.startswith("| Llama-3.1-")}
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "distributed.md").read_text()
+    section = docs[docs.index("## At scale: simulated communication") :]
+    stale = sorted(line for line in printed if line not in section.splitlines())
+    assert len(printed) >= 30 and not stale, "rerun benchmarks/distributed_sim.py and update docs/distributed.md"
