@@ -30,11 +30,13 @@ Designs:
   (longest-processing-time first, `root_hf.optim.distributed.assign_owners`' algorithm: matrices in decreasing cost,
   ties by index, each to the least-loaded rank, ties to the lowest rank; costs of the standard form, as the code
   balances today; the other forms are evaluated on that same assignment).
-  HSDP: an all-to-all within the owner's node gathers the 8 row shards to the owner (NVLink); the owner clips and
-  orthogonalizes; an all-to-all within the node sends each GPU its rows back (NVLink); an all-gather over the
-  replicate dim (one GPU per node, the same local rank: network) gives every replica its rows of the results owned in
-  other nodes. FSDP + TP: one all-to-all over all 64 ranks gathers the 64 pieces to the owner (7 over NVLink, 56 over
-  the network) and one sends them back.
+  HSDP: an all-to-all gathers the 8 row shards from the owner's node to the owner (NVLink); the owner clips and
+  orthogonalizes; a second all-to-all sends every holder of a piece its rows of the result, the GPUs of the owner's
+  node (NVLink) and the same rows' holders in the other replicas (network) alike: the collectives of root_hf's mesh
+  path (issue 23). `hsdp_owner_split(..., relay=True)` models the alternative (results within the node, then an
+  all-gather over the replicate dim): the same bytes in total, and for these models the same per rank (node-mates
+  own the same shapes). FSDP + TP: one all-to-all over all 64 ranks gathers the 64 pieces to the owner (7 over
+  NVLink, 56 over the network) and one sends them back.
 - HSDP owner split per replica group of g nodes (the second table; g = 8 is the owner split above, g = 1 is the
   split within each node only, every replica repeating every matrix): trades Newton-Schulz FLOPs against network
   bytes.
@@ -68,6 +70,8 @@ Newton-Schulz FLOPs of an `m x n` matrix, `k = min(m, n)`, `K = max(m, n)`, 5 qu
 from __future__ import annotations
 
 import argparse
+import functools
+import heapq
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -165,12 +169,12 @@ def ns_flops_gram(m: int, n: int, steps: int = NS_STEPS, restarts: Sequence[int]
 def lpt_owners(costs: Sequence[float], ranks: int) -> list[int]:
     """Owner of each matrix: longest processing time first (decreasing cost, ties by index; least-loaded rank, ties to
     the lowest rank), as `root_hf.optim.distributed.assign_owners`."""
-    load = [0.0] * ranks
+    heap = [(0.0, r) for r in range(ranks)]  # (load, rank): the heap's minimum is the least-loaded, lowest rank
     owners = [0] * len(costs)
     for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
-        rank = min(range(ranks), key=lambda r: (load[r], r))
+        load, rank = heapq.heappop(heap)
         owners[i] = rank
-        load[rank] += costs[i]
+        heapq.heappush(heap, (load + costs[i], rank))
     return owners
 
 
@@ -239,9 +243,11 @@ def _flops(owned: dict[int, list[int]], ranks: int, costs: dict[str, list[int]])
 
 
 def hsdp_owner_split(mats: list[tuple[str, int, int, str]], costs: dict[str, list[int]], nodes: int, gpus: int,
-                     group_nodes: int) -> Design:  # fmt: skip
+                     group_nodes: int, relay: bool = False) -> Design:  # fmt: skip
     """HSDP (replicas = nodes, shards = GPUs of a node): owners over the `group_nodes * gpus` ranks of each replica
-    group; gather and scatter within the owner's node, then an all-gather of the results over the replica group."""
+    group; one all-to-all gathers the row shards from the owner's node. Results: `relay=False`, one all-to-all from the
+    owner to every holder of a piece, replicas included (root_hf's mesh path, issue 23); `relay=True`, an all-to-all
+    within the owner's node, then an all-gather over the replica group (each GPU forwards its rows)."""
     if nodes % group_nodes:
         raise ValueError(f"Invalid group_nodes: {group_nodes!r}. Must divide the node count {nodes}.")
     ranks = nodes * gpus
@@ -259,9 +265,19 @@ def hsdp_owner_split(mats: list[tuple[str, int, int, str]], costs: dict[str, lis
                 scatter.move(owner, holder, rows * n * SCATTER_BYTES)
                 for peer in range(first_node, first_node + group_nodes):
                     if peer != node:
-                        replicas.move(holder, peer * gpus + s, rows * n * SCATTER_BYTES)
-    phases = {"gather": gather, "scatter": scatter, "replicas": replicas}
+                        (replicas if relay else scatter).move(
+                            holder if relay else owner, peer * gpus + s, rows * n * SCATTER_BYTES
+                        )
+    phases = {"gather": gather, "scatter": scatter} | ({"replicas": replicas} if relay else {})
     return Design(phases, _flops(owned, ranks, costs))
+
+
+def _distinct(mats: Sequence[tuple[str, int, int, str]]) -> dict[tuple[int, int, str], int]:
+    """`{(out, in, tp_style): count}`: traffic that does not depend on the owner is computed once per shape."""
+    counts: dict[tuple[int, int, str], int] = {}
+    for _, m, n, style in mats:
+        counts[(m, n, style)] = counts.get((m, n, style), 0) + 1
+    return counts
 
 
 def hsdp_gather_everywhere(mats: list[tuple[str, int, int, str]], costs: dict[str, list[int]], nodes: int,
@@ -269,21 +285,24 @@ def hsdp_gather_everywhere(mats: list[tuple[str, int, int, str]], costs: dict[st
     """HSDP: every rank all-gathers every matrix over the shard dim (its node) and orthogonalizes all of them."""
     ranks = nodes * gpus
     gather = Traffic(ranks, gpus)
-    for _, m, n, _ in mats:
+    for (m, n, _), count in _distinct(mats).items():
         for node in range(nodes):
             for s, rows in enumerate(chunks(m, gpus)):
                 for peer in range(gpus):
-                    gather.move(node * gpus + s, node * gpus + peer, rows * n * GATHER_BYTES)
+                    gather.move(node * gpus + s, node * gpus + peer, count * rows * n * GATHER_BYTES)
     everything = list(range(len(mats)))
     return Design({"gather": gather}, _flops(dict.fromkeys(range(ranks), everything), ranks, costs))
 
 
-def tp_pieces(m: int, n: int, tp_style: str, fsdp: int, tp: int) -> list[list[int]]:
+@functools.cache
+def tp_pieces(m: int, n: int, tp_style: str, fsdp: int, tp: int) -> tuple[tuple[int, ...], ...]:
     """`pieces[f][t]`: elements of an `m x n` matrix on rank (FSDP f, TP t): TP colwise `Shard(0)` / rowwise
     `Shard(1)`, then FSDP's `Shard(0)` on the TP shard."""
     if tp_style == "colwise":
-        return [[rows * n for rows in (chunks(tp_rows, fsdp)[f] for tp_rows in chunks(m, tp))] for f in range(fsdp)]
-    return [[chunks(m, fsdp)[f] * cols for cols in chunks(n, tp)] for f in range(fsdp)]
+        by_tp = [chunks(tp_rows, fsdp) for tp_rows in chunks(m, tp)]  # [t][f] rows
+        return tuple(tuple(by_tp[t][f] * n for t in range(tp)) for f in range(fsdp))
+    rows = chunks(m, fsdp)
+    return tuple(tuple(rows[f] * cols for cols in chunks(n, tp)) for f in range(fsdp))
 
 
 def fsdp_tp_owner_split(mats: list[tuple[str, int, int, str]], costs: dict[str, list[int]], nodes: int,
@@ -308,15 +327,15 @@ def fsdp_tp_gather_everywhere(mats: list[tuple[str, int, int, str]], costs: dict
     """FSDP x TP: every rank all-gathers every matrix, over the FSDP dim (network) then over the TP dim (NVLink)."""
     ranks = nodes * gpus
     over_fsdp, over_tp = Traffic(ranks, gpus), Traffic(ranks, gpus)
-    for _, m, n, style in mats:
+    for (m, n, style), count in _distinct(mats).items():
         pieces = tp_pieces(m, n, style, nodes, gpus)
         for f in range(nodes):
             for t in range(gpus):
                 tp_shard = sum(pieces[g][t] for g in range(nodes))
                 for peer in range(nodes):
-                    over_fsdp.move(f * gpus + t, peer * gpus + t, pieces[f][t] * GATHER_BYTES)
+                    over_fsdp.move(f * gpus + t, peer * gpus + t, count * pieces[f][t] * GATHER_BYTES)
                 for peer in range(gpus):
-                    over_tp.move(f * gpus + t, f * gpus + peer, tp_shard * GATHER_BYTES)
+                    over_tp.move(f * gpus + t, f * gpus + peer, count * tp_shard * GATHER_BYTES)
     everything = list(range(len(mats)))
     flops = _flops(dict.fromkeys(range(ranks), everything), ranks, costs)
     return Design({"all-gather over FSDP": over_fsdp, "all-gather over TP": over_tp}, flops)
