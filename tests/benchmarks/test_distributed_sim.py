@@ -101,6 +101,55 @@ def test_more_nodes_per_replica_group_trade_flops_for_network_bytes(rows_8b):
     assert all(a["flops_std_max"] > b["flops_std_max"] for a, b in itertools.pairwise(groups))
 
 
+class _CountingMatmul:
+    """`a @ b` that adds its dense FLOPs (2 m k n) to `flops`."""
+
+    def __init__(self) -> None:
+        self.flops = 0
+
+    def __call__(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        self.flops += 2 * a.shape[0] * a.shape[1] * b.shape[1]
+        return a @ b
+
+
+MUON = [(3.4445, -4.7750, 2.0315)] * 5  # Muon's quintic (Jordan et al. 2024), 5 steps
+
+
+def _standard_ns(x: torch.Tensor, mm: _CountingMatmul) -> torch.Tensor:
+    for a, b, c in MUON:
+        gram = mm(x, x.T)
+        x = a * x + mm(b * gram + c * mm(gram, gram), x)
+    return x
+
+
+def _gram_ns(x: torch.Tensor, mm: _CountingMatmul, restarts: tuple[int, ...]) -> torch.Tensor:
+    """The Gram form as the simulation counts it: X_t = Q_t X_0, iterate (Q, R = X_t X_t^T) on k x k matrices."""
+    eye = torch.eye(x.shape[0], dtype=x.dtype)
+    r, q = mm(x, x.T), None
+    for t, (a, b, c) in enumerate(MUON, 1):
+        p = a * eye + b * r + c * mm(r, r)
+        q = p if q is None else mm(p, q)
+        if t == len(MUON):
+            break
+        if t in restarts:
+            x, q = mm(q, x), None
+            r = mm(x, x.T)
+        else:
+            r = mm(p, mm(r, p))
+    return mm(q, x)
+
+
+@pytest.mark.parametrize("restarts", [(), (2,), (1, 3)])
+def test_counted_flops_are_those_of_iterations_that_compute_the_same_map(restarts):
+    x = torch.randn(12, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    x = x / x.norm()
+    std_mm, gram_mm = _CountingMatmul(), _CountingMatmul()
+    expected = _standard_ns(x, std_mm)
+    torch.testing.assert_close(_gram_ns(x, gram_mm, restarts), expected, rtol=0, atol=1e-10)
+    assert std_mm.flops == sim.ns_flops_standard(12, 40)
+    assert gram_mm.flops == sim.ns_flops_gram(12, 40, restarts=restarts)
+
+
 @pytest.mark.parametrize(("m", "n"), [(4096, 4096), (14336, 4096), (4096, 14336), (1024, 8192), (7, 300)])
 def test_ns_flops_follow_the_closed_forms(m, n):
     k, big = min(m, n), max(m, n)
