@@ -24,6 +24,31 @@ def test_parameter_count_matches_the_published_size(model):
     assert abs(model.params() / model.published_params - 1) < 0.03
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("model", [sim.LLAMA_8B, sim.LLAMA_70B], ids=lambda m: m.name)
+def test_simulated_matrices_are_what_root_hf_routes_to_root_in_the_transformers_model(model):
+    transformers = pytest.importorskip("transformers")
+    from root_hf.integrations.routing import route_parameters
+
+    config = transformers.LlamaConfig(
+        hidden_size=model.hidden, intermediate_size=model.intermediate, num_hidden_layers=model.layers,
+        num_attention_heads=model.heads, num_key_value_heads=model.kv_heads, head_dim=model.head_dim,
+        vocab_size=model.vocab, tie_word_embeddings=False,
+    )  # fmt: skip
+    with torch.device("meta"):  # shapes only, no memory
+        llama = transformers.LlamaForCausalLM(config)
+    assert sum(p.numel() for p in llama.parameters()) == model.params()
+    shapes = dict(llama.named_parameters())
+    routed = [r.name for r in route_parameters(llama).params if r.branch == "root"]
+    plan = config.base_model_tp_plan
+    found = [
+        (f"layers.{name.split('.')[2]}.{name.split('.')[-2]}", *shapes[name].shape,
+         plan[f"layers.*.{'.'.join(name.split('.')[3:-1])}"])
+        for name in routed
+    ]  # fmt: skip
+    assert found == model.matrices()
+
+
 def test_owner_split_moves_fewer_bytes_and_takes_less_time_than_gather_everywhere(rows_8b):
     for layout in ("HSDP 8 x 8", "FSDP 8 x TP 8"):
         owner, everywhere = rows_8b[(layout, "owner split")], rows_8b[(layout, "gather everywhere")]
