@@ -166,10 +166,10 @@ def ns_flops_gram(m: int, n: int, steps: int = NS_STEPS, restarts: Sequence[int]
     return flops + 2 * k * k * big  # X <- Q X
 
 
-def lpt_owners(costs: Sequence[float], ranks: int) -> list[int]:
+def lpt_owners(costs: Sequence[int], ranks: int) -> list[int]:
     """Owner of each matrix: longest processing time first (decreasing cost, ties by index; least-loaded rank, ties to
     the lowest rank), as `root_hf.optim.distributed.assign_owners`."""
-    heap = [(0.0, r) for r in range(ranks)]  # (load, rank): the heap's minimum is the least-loaded, lowest rank
+    heap = [(0, r) for r in range(ranks)]  # (load, rank): the heap's minimum is the least-loaded, lowest rank
     owners = [0] * len(costs)
     for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
         load, rank = heapq.heappop(heap)
@@ -195,14 +195,13 @@ class Traffic:
 
     ranks: int
     gpus_per_node: int
-    nv_sent: list[float] = field(default_factory=list)
-    nv_recv: list[float] = field(default_factory=list)
-    net_sent: list[float] = field(default_factory=list)
-    net_recv: list[float] = field(default_factory=list)
+    nv_sent: list[float] = field(init=False)
+    nv_recv: list[float] = field(init=False)
+    net_sent: list[float] = field(init=False)
+    net_recv: list[float] = field(init=False)
 
     def __post_init__(self) -> None:
-        for name in ("nv_sent", "nv_recv", "net_sent", "net_recv"):
-            setattr(self, name, [0.0] * self.ranks)
+        self.nv_sent, self.nv_recv, self.net_sent, self.net_recv = ([0.0] * self.ranks for _ in range(4))
 
     def move(self, src: int, dst: int, nbytes: float) -> None:
         if src == dst or nbytes == 0:
@@ -227,7 +226,7 @@ class Design:
     """One way to run ROOT's Newton-Schulz step on a layout: its phases' traffic and each rank's FLOPs."""
 
     phases: dict[str, Traffic]
-    flops: dict[str, list[float]]  # form ("std", "gram", "auto") -> per-rank Newton-Schulz FLOPs (the same owners)
+    flops: dict[str, list[int]]  # form ("std", "gram", "auto") -> per-rank Newton-Schulz FLOPs (the same owners)
 
     def per_rank(self, attr: str) -> list[float]:
         """Per-rank sum over the phases of one of `Traffic`'s byte lists."""
@@ -235,11 +234,9 @@ class Design:
         return [sum(values) for values in zip(*lists, strict=True)]
 
 
-def _flops(owned: dict[int, list[int]], ranks: int, costs: dict[str, list[int]]) -> dict[str, list[float]]:
+def _flops(owned: dict[int, list[int]], ranks: int, costs: dict[str, list[int]]) -> dict[str, list[int]]:
     """Per-rank FLOPs of each form: the sum of the costs of the matrices each rank owns."""
-    return {
-        form: [float(sum(cost[i] for i in owned.get(r, ()))) for r in range(ranks)] for form, cost in costs.items()
-    }
+    return {form: [sum(cost[i] for i in owned.get(r, ())) for r in range(ranks)] for form, cost in costs.items()}
 
 
 def hsdp_owner_split(mats: list[tuple[str, int, int, str]], costs: dict[str, list[int]], nodes: int, gpus: int,
@@ -543,7 +540,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         gram_restarts=tuple(args.gram_restarts),
     )  # fmt: skip
     models = (LLAMA_8B,) if args.quick else (LLAMA_8B, LLAMA_70B)
-    print("Assumptions\n" + assumptions_text(a, models))
+    print("Assumptions (pure arithmetic: no figure depends on this machine)\n" + assumptions_text(a, models))
     rows: list[dict[str, object]] = []
     groups: list[dict[str, object]] = []
     for model in models:
