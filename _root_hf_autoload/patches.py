@@ -48,6 +48,7 @@ _TRAINER = "transformers.trainer"
 # The one name by which this side reaches root_hf, "module:function". Resolved when first needed, never at start-up:
 # importing root_hf imports torch.
 PACKAGE_ENTRY_POINT = "root_hf.integrations:optim_root_hook"
+_PACKAGE = PACKAGE_ENTRY_POINT.partition(".")[0]
 _FALLBACKS = (
     "Use the fallbacks that need no registration: root_hf.RootTrainer (or RootTrainerMixin with any Trainer "
     "subclass), Trainer(optimizer_cls_and_kwargs=(root_hf.RootOptimizerFactory, {...})) or "
@@ -250,7 +251,7 @@ def _wrap_get_optimizer_cls_and_kwargs(original):
 def _wrap_create_optimizer(original):
     def create_optimizer(self, model=None):
         optimizer = original(self, model)
-        if "root_hf" in sys.modules:  # else root_hf did not build this optimizer: nothing to do, nothing to import
+        if _PACKAGE in sys.modules:  # else root_hf did not build this optimizer: nothing to do, nothing to import
             _package_entry_point()("optimizer_created", self, optimizer)
         return optimizer
 
