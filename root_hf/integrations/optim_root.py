@@ -1,5 +1,4 @@
-"""`optim="root"`, the package's side: `optim_root_hook`, the one function the startup hook calls, and
-`register_root_optimizer`.
+"""`optim="root"`, the package's side: `optim_root_hook`, the startup hook's one way in, and `register_root_optimizer`.
 
 The registration itself (the `OptimizerNames` member, the `Trainer` handler, the `Trainer` wrappers and the
 `sys.meta_path` hook that runs them when `transformers` is imported) belongs to the top-level, standard-library-only
