@@ -7,10 +7,13 @@ in `sys.meta_path` and returns: this package's `__init__` needs only `os` and `s
 never imports torch or transformers, and is kept small so that it costs well under a millisecond in processes that
 never import transformers (measured figures: docs/guides/trainer.md). For any other module the finder costs one dict
 look-up. When `transformers.training_args`, `transformers.trainer_optimizer` and `transformers.trainer` have
-executed, it runs the matching function of `_root_hf_autoload.registration` (standard library only too), so a stock
+executed, it runs the matching function of `_root_hf_autoload.patches` (standard library only too), so a stock
 `HfArgumentParser` script, `trl sft`, a YAML / JSON config, a notebook and every process that `accelerate launch` or
 `torchrun` start accept `--optim root` / `optim: root`. root_hf itself is imported only when a `Trainer` builds the
-optimizer.
+optimizer, through the one public function that `patches.PACKAGE_ENTRY_POINT` names.
+
+The dependency runs one way: root_hf imports this package's public names (`install`, and the patches behind
+`root_hf.register_root_optimizer`); this package imports nothing of root_hf.
 
 Switch it off with the environment variable `ROOT_HF_AUTOLOAD=0` (also `false`, `no`, `off`): then only
 `import root_hf` registers the name, as it always does. `python -m root_hf` says whether the hook is active.
@@ -22,7 +25,7 @@ This is a top-level package (not part of `root_hf`) because importing anything u
 import os
 import sys
 
-__all__ = ["ENV_VAR", "autoload", "autoload_enabled", "install"]
+__all__ = ["ENV_VAR", "autoload", "autoload_enabled", "install", "status"]
 
 ENV_VAR = "ROOT_HF_AUTOLOAD"
 _OFF = ("0", "false", "no", "off")
@@ -31,7 +34,7 @@ _OFF = ("0", "false", "no", "off")
 # "on" (the hook is installed) or "off" (switched off by ROOT_HF_AUTOLOAD).
 autoload_state = None
 
-# Module -> function of _root_hf_autoload.registration to run once it has executed (in import order: trainer imports
+# Module -> function of _root_hf_autoload.patches to run once it has executed (in import order: trainer imports
 # trainer_optimizer, which imports training_args).
 WATCHED = {
     "transformers.training_args": "register_name",
@@ -71,12 +74,12 @@ def autoload():
 
 
 def _run(function_name, module):
-    """Run `_root_hf_autoload.registration.<function_name>(module)`; a failure becomes a warning, never a broken
-    import of transformers."""
+    """Run `_root_hf_autoload.patches.<function_name>(module)`; a failure becomes a warning, never a broken import
+    of transformers."""
     try:
-        from . import registration
+        from . import patches
 
-        getattr(registration, function_name)(module)
+        getattr(patches, function_name)(module)
     except Exception as e:
         _warn(f"root_hf: registering optim='root' failed ({type(e).__name__}: {e}). Use root_hf.RootTrainer instead.")
 
@@ -158,3 +161,20 @@ def install():
             _run(function_name, module)
     if _hook.callbacks and _hook not in sys.meta_path:
         sys.meta_path.insert(0, _hook)
+
+
+def status():
+    """A dict for `python -m root_hf`: whether the hook ran in this process, and whether `"root"` is registered.
+
+    Keys: `autoload` (None, `"on"` or `"off"`), `env` (the value of `ROOT_HF_AUTOLOAD` or None), `watching` (the
+    transformers modules the hook still waits for), and those of `_root_hf_autoload.patches.state()`: `registered`,
+    `handler`, `trainer_patched`.
+    """
+    from . import patches
+
+    return {
+        "autoload": autoload_state,
+        "env": os.environ.get(ENV_VAR),
+        "watching": sorted(_hook.callbacks) if _hook in sys.meta_path else [],
+        **patches.state(),
+    }

@@ -3,7 +3,7 @@
 `import root_hf` needs only torch: the Hugging Face pieces listed in `_LAZY` load on first access (they need
 `pip install "root-hf[hf]"`). It also makes `optim="root"` available to `transformers.TrainingArguments`, whether
 `transformers` is imported before or after root_hf: at once if it is already imported, else when it is (a cheap
-`sys.meta_path` hook; see `root_hf.integrations._registration`).
+`sys.meta_path` hook, the startup hook's `_root_hf_autoload.install`; see `root_hf.integrations.optim_root`).
 """
 
 from __future__ import annotations
@@ -11,15 +11,16 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .integrations._registration import install_import_hook as _install_import_hook
+from _root_hf_autoload import install as _install_import_hook
+
 from .optim import ROOT, RootReference, orthogonalize
 from .schedules import get_schedule, schedule_band
 
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:  # the lazy names, for type checkers and the API reference (mkdocstrings reads them statically)
-    from .integrations._registration import register_root_optimizer
     from .integrations.callbacks import RootDiagnosticsCallback, add_root_diagnostics
+    from .integrations.optim_root import register_root_optimizer
     from .integrations.routing import ParamRouting, route_parameters
     from .integrations.transformers import (
         RootOptimizerFactory,
@@ -39,7 +40,7 @@ _LAZY: dict[str, str] = {
     "add_root_diagnostics": "root_hf.integrations.callbacks",
     "create_root_optimizer": "root_hf.integrations.transformers",
     "parse_root_optim_args": "root_hf.integrations.transformers",
-    "register_root_optimizer": "root_hf.integrations._registration",
+    "register_root_optimizer": "root_hf.integrations.optim_root",
     "route_parameters": "root_hf.integrations.routing",
 }
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import _root_hf_autoload as autoload
 import root_hf
-from _root_hf_autoload import registration
+from _root_hf_autoload import patches
 
 PTH_NAME = "root_hf_autoload.pth"
 
@@ -66,7 +66,7 @@ def registration_line() -> str:
         return 'optim="root": transformers is not installed (pip install "root-hf[hf]")'
     import transformers
 
-    state = registration.status()
+    state = autoload.status()
     if state["registered"] and state["handler"]:
         if autoload.autoload_state != "on":
             return (
@@ -78,7 +78,7 @@ def registration_line() -> str:
             f'optim="root": registered in this process (transformers {transformers.__version__}): --optim root / '
             "optim: root work in any HfArgumentParser script, trl CLIs and YAML/JSON configs"
         )
-    supported = registration.transformers_version_supported(transformers.__version__)
+    supported = patches.transformers_version_supported(transformers.__version__)
     why = "an upstream optimizer named 'root' or missing private hooks"
     if not supported:
         why = f"transformers {transformers.__version__} is outside the supported range"

@@ -3,8 +3,10 @@
 Importing this package is light (standard library only); the modules that need `transformers` load on first access
 of the names below.
 
-- `transformers`: registration, the `Trainer` handler, `optim_args` parsing, `RootTrainer` /
-  `RootTrainerMixin`, `create_root_optimizer` and `RootOptimizerFactory`.
+- `optim_root`: `optim_root_hook`, the one function through which the startup hook (`_root_hf_autoload`, which owns
+  the registration with transformers) reaches root_hf, and `register_root_optimizer`.
+- `transformers`: the `Trainer` handler, `optim_args` parsing, `RootTrainer` / `RootTrainerMixin`,
+  `create_root_optimizer` and `RootOptimizerFactory`.
 - `routing`: which parameter goes to which branch (by name and role; PEFT-aware). Needs only torch.
 - `callbacks`: `RootDiagnosticsCallback`, ROOT's statistics in the `Trainer` logs.
 """
@@ -14,7 +16,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from ._registration import register_root_optimizer
+from .optim_root import optim_root_hook, register_root_optimizer
 
 _LAZY: dict[str, str] = {
     "OPTIM_ARGS": ".transformers",
@@ -42,6 +44,7 @@ __all__ = [
     "add_root_diagnostics",
     "check_root_compatible",
     "create_root_optimizer",
+    "optim_root_hook",
     "parse_root_optim_args",
     "register_root_optimizer",
     "route_parameters",

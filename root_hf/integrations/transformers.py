@@ -34,9 +34,10 @@ import torch
 from torch import nn
 from transformers import Trainer
 
+from _root_hf_autoload.patches import OPTIM_NAME
+
 from ..optim.hyperparams import HYPERPARAMS, Hyperparam, parse_optim_args
 from ..optim.root import ROOT
-from ._registration import OPTIM_NAME, register_root_optimizer
 from .callbacks import RootDiagnosticsCallback, _find_root, add_root_diagnostics
 from .routing import DEFAULT_FUSED_PROJECTIONS, DEFAULT_LORA_POLICY, DEFAULT_ROUTER_BRANCH, route_parameters
 
@@ -51,8 +52,7 @@ __all__ = [
     "ddp_process_group_kwargs",
     "fsdp_version",
     "parse_root_optim_args",
-    "register_root_optimizer",
-    "root_optimizer_handler",
+    "root_optimizer_cls_and_kwargs",
     "runs_ddp",
 ]
 
@@ -373,20 +373,30 @@ class RootOptimizerFactory:
         return create_root_optimizer(model, **kwargs)
 
 
-def root_optimizer_handler(ctx: Any) -> tuple[type[RootOptimizerFactory], dict[str, Any]]:
-    """The `transformers.trainer_optimizer` handler for `optim="root"`: `(RootOptimizerFactory, kwargs)`.
+def root_optimizer_cls_and_kwargs(
+    args: Any, model: nn.Module | None = None
+) -> tuple[type[RootOptimizerFactory], dict[str, Any]]:
+    """`Trainer.get_optimizer_cls_and_kwargs` for `optim="root"`: `(RootOptimizerFactory, kwargs)`.
 
-    `kwargs` come from `ctx.args` (see `create_root_optimizer`); errors in `optim_args` and refused setups
-    raise here, when the `Trainer` builds its optimizer.
+    What the `"root"` handler and the wrapped `Trainer.get_optimizer_cls_and_kwargs` return (through
+    `root_hf.integrations.optim_root_hook`). `kwargs` come from `args` (see `create_root_optimizer`); errors in
+    `optim_args` and refused setups raise here, when the `Trainer` builds its optimizer.
+
+    Example:
+        >>> from transformers import TrainingArguments
+        >>> args = TrainingArguments("out", optim="root", optim_args="momentum=0.9", report_to="none")
+        >>> cls, kwargs = root_optimizer_cls_and_kwargs(args)
+        >>> cls.__name__, kwargs["momentum"]
+        ('RootOptimizerFactory', 0.9)
     """
-    check_root_compatible(ctx.args, ctx.model)
-    return RootOptimizerFactory, _kwargs_from_args(ctx.args)
+    check_root_compatible(args, model)
+    return RootOptimizerFactory, _kwargs_from_args(args)
 
 
 def attach_root_diagnostics(trainer: Any, optimizer: Any | None = None) -> RootDiagnosticsCallback | None:
     """Give `trainer` a `root_hf.RootDiagnosticsCallback` when its optimizer asks for diagnostics.
 
-    Called by the stock `Trainer.create_optimizer` once root_hf is registered (see `_root_hf_autoload`): when the
+    Called by the stock `Trainer.create_optimizer` once root_hf is registered (through `optim_root_hook`): when the
     optimizer (`optimizer`, else `trainer.optimizer`; accelerate's wrapper is looked through) is a ROOT built by
     root_hf with `diagnostics_steps` > 0 (`optim_args="diagnostics_steps=N"`), the callback goes first in the
     callbacks, before the reporting integrations, so the statistics reach `log_history`, `trainer_state.json` and

@@ -19,15 +19,8 @@ from torch.optim.optimizer import Optimizer, ParamsT
 
 from ..schedules import Schedule, ScheduleSpec, get_schedule
 from .distributed import local_tensor, plan_for
-from .functional import (
-    AdjustLrFn,
-    _flat_param_error,
-    adamw,
-    adjusted_lr_ratio,  # noqa: F401  (its home before root_hf.optim.functional existed)
-    root,
-)
+from .functional import AdjustLrFn, _flat_param_error, adamw, root
 from .hyperparams import (
-    ADJUST_LR_FNS,  # noqa: F401  (idem)
     DEFAULTS,
     HYPERPARAMS,
     NONFINITE_MODES,
@@ -76,6 +69,27 @@ def _param_label(group: dict[str, Any], index: int, group_index: int) -> str:
     if names is not None and index < len(names):
         return repr(names[index])
     return f"#{index} of param group {group_index}"
+
+
+def _check_new_params(
+    tensors: list[torch.Tensor], names: list[str] | None, group_index: int, groups: list[dict[str, Any]]
+) -> None:
+    """Refuse what ROOT cannot train, before a group is added: a parameter that is not a floating point real tensor
+    (integer, bool, complex) or one listed twice, in this group or in an earlier one."""
+    new = {"param_names": names}
+    seen = {id(p): (g, i, gi) for gi, g in enumerate(groups) for i, p in enumerate(g["params"])}
+    for i, p in enumerate(tensors):
+        if not p.is_floating_point():  # also False for complex dtypes
+            raise ValueError(
+                f"Parameter {_param_label(new, i, group_index)} has dtype {p.dtype}: ROOT trains floating point real "
+                "tensors only (float16, bfloat16, float32, float64); leave it out of the optimizer."
+            )
+        if id(p) in seen:
+            raise ValueError(
+                f"Parameter {_param_label(new, i, group_index)} is the same tensor as parameter "
+                f"{_param_label(*seen[id(p)])}: pass each parameter once, in one param group."
+            )
+        seen[id(p)] = (new, i, group_index)
 
 
 class ROOT(Optimizer):
@@ -251,7 +265,8 @@ class ROOT(Optimizer):
 
         Raises:
             TypeError: if `param_group` is not a dict.
-            ValueError: for an invalid value or parameter; then the optimizer is left unchanged.
+            ValueError: for an invalid value or parameter (also an integer or complex one, or one listed twice); then
+                the optimizer is left unchanged.
         """
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}.")
@@ -265,6 +280,9 @@ class ROOT(Optimizer):
         validate_group(trial)
         tensors = [e[1] if isinstance(e, tuple) else e for e in params]
         if all(isinstance(t, torch.Tensor) for t in tensors):
+            named = bool(params) and all(isinstance(e, tuple) for e in params)
+            names = [e[0] for e in params] if named else param_group.get("param_names")
+            _check_new_params(tensors, names, len(self.param_groups), self.param_groups)
             needed = self._check_params(trial, tensors, len(self.param_groups))
         else:
             needed = {}  # torch's add_param_group raises the TypeError

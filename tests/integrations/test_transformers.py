@@ -23,10 +23,10 @@ from transformers import HfArgumentParser, Trainer, TrainingArguments  # noqa: E
 from transformers.trainer_optimizer import _OPTIMIZER_HANDLERS  # noqa: E402
 from transformers.training_args import OptimizerNames  # noqa: E402
 
-import _root_hf_autoload.registration  # noqa: E402
+import _root_hf_autoload  # noqa: E402
 import root_hf  # noqa: E402
+from _root_hf_autoload import patches  # noqa: E402
 from root_hf import ROOT, RootOptimizerFactory, RootTrainer, create_root_optimizer, parse_root_optim_args  # noqa: E402
-from root_hf.integrations import _registration  # noqa: E402
 from root_hf.integrations.transformers import OPTIM_ARGS, check_root_compatible  # noqa: E402
 from tests.utils import run_markdown_examples  # noqa: E402
 
@@ -373,50 +373,64 @@ def test_registration_twice_is_harmless():
     assert [m.value for m in OptimizerNames].count("root") == 1
 
 
+def test_startup_hook_reaches_root_hf_through_one_public_entry_point():
+    assert patches.PACKAGE_ENTRY_POINT == "root_hf.integrations:optim_root_hook"
+    assert patches._package_entry_point() is root_hf.integrations.optim_root_hook
+    assert "optim_root_hook" in root_hf.integrations.__all__
+    assert _OPTIMIZER_HANDLERS["root"].__module__ == Trainer.create_optimizer.__module__ == patches.__name__
+
+
+def test_optim_root_hook_refuses_an_unknown_event_naming_the_events():
+    with pytest.raises(ValueError, match=r"invalid event 'optimiser'.*'optimizer' \(args, model\)"):
+        root_hf.integrations.optim_root_hook("optimiser", None, None)
+    with pytest.raises(ValueError, match=r"invalid event 'optim_name' with 2 argument"):
+        root_hf.integrations.optim_root_hook("optim_name", "root", "extra")
+
+
 def test_registration_never_replaces_an_upstream_member():
     class Upstream(str, enum.Enum):
         ADAMW = "adamw"
         ROOT = "root"
 
-    assert _registration.add_enum_member(Upstream, "ROOT", "root") is None
-    assert _registration.add_enum_member(Upstream, "OTHER_ROOT", "root") is None
+    assert patches.add_enum_member(Upstream, "ROOT", "root") is None
+    assert patches.add_enum_member(Upstream, "OTHER_ROOT", "root") is None
     assert Upstream("root").__dict__.get("_root_hf_owned") is None and len(Upstream) == 2
 
     class Fresh(str, enum.Enum):
         ADAMW = "adamw"
 
-    added = _registration.add_enum_member(Fresh, "ROOT", "root")
+    added = patches.add_enum_member(Fresh, "ROOT", "root")
     assert added is Fresh("root") is Fresh.ROOT is Fresh["ROOT"]
-    assert _registration.add_enum_member(Fresh, "ROOT", "root") is added
+    assert patches.add_enum_member(Fresh, "ROOT", "root") is added
     assert [m.value for m in Fresh] == ["adamw", "root"]
 
 
 def test_registration_leaves_an_upstream_root_and_its_handler_alone(monkeypatch):
-    monkeypatch.setattr(_root_hf_autoload.registration, "_warned", set())
+    monkeypatch.setattr(patches, "_warned", set())
 
     class Upstream(str, enum.Enum):
         ROOT = "root"
 
     with pytest.warns(RuntimeWarning, match="already defines optim='root'"):
-        assert _registration._register_name(types.SimpleNamespace(OptimizerNames=Upstream)) is False
+        assert patches.register_name(types.SimpleNamespace(OptimizerNames=Upstream)) is False
 
     def upstream_handler(ctx):
         return None
 
     handlers = {"root": upstream_handler}
-    assert _registration._register_handler(types.SimpleNamespace(_OPTIMIZER_HANDLERS=handlers)) is False
+    assert patches.register_handler(types.SimpleNamespace(_OPTIMIZER_HANDLERS=handlers)) is False
     assert handlers == {"root": upstream_handler}
 
 
 def test_unsupported_transformers_version_registers_nothing_and_warns(monkeypatch):
-    monkeypatch.setattr(_root_hf_autoload.registration, "_warned", set())
+    monkeypatch.setattr(patches, "_warned", set())
     monkeypatch.setattr(sys.modules["transformers"], "__version__", "6.1.0")
 
     class Fresh(str, enum.Enum):
         ADAMW = "adamw"
 
     with pytest.warns(RuntimeWarning, match="outside the supported range"):
-        assert _registration._register_name(types.SimpleNamespace(OptimizerNames=Fresh)) is False
+        assert patches.register_name(types.SimpleNamespace(OptimizerNames=Fresh)) is False
     assert [m.value for m in Fresh] == ["adamw"]
 
 
@@ -424,7 +438,7 @@ def test_import_hook_runs_its_callback_after_the_module_executes_and_leaves_no_t
     (tmp_path / "root_hf_hook_probe.py").write_text("VALUE = 42\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     seen = []
-    hook = _registration._PostImportHook()
+    hook = _root_hf_autoload._PostImportHook()
     hook.callbacks["root_hf_hook_probe"] = lambda module: seen.append(module.VALUE)
     sys.meta_path.insert(0, hook)
     try:
@@ -444,7 +458,7 @@ def test_import_hook_runs_its_callback_after_the_module_executes_and_leaves_no_t
     [("5.0.0", True), ("5.23.0", True), ("5.99.1.dev0", True), ("4.57.1", False), ("6.0.0", False), ("x", False)],
 )
 def test_registration_checks_the_transformers_version(version, supported):
-    assert _registration.transformers_version_supported(version) is supported
+    assert patches.transformers_version_supported(version) is supported
 
 
 def test_training_arguments_round_trip_through_dict_and_json(make_args):
@@ -485,7 +499,7 @@ def test_training_args_bin_loads_in_a_process_that_never_imported_root_hf(make_m
     assert path.is_file()
     pickled = tmp_path / "args.pkl"
     pickled.write_bytes(pickle.dumps(trainer.args))
-    assert b"root_hf" in pickled.read_bytes()  # the member pickles through root_hf
+    assert b"optim_root_hook" in pickled.read_bytes()  # the member pickles through root_hf's entry point
     out = _run_subprocess(
         f"""
         import pickle, sys
@@ -683,7 +697,7 @@ def test_trainer_guide_examples_run(capsys):
     assert isinstance(namespace["sft"].optimizer.optimizer, ROOT)
 
 
-@pytest.mark.parametrize("module", ["_registration", "callbacks", "routing", "transformers"])
+@pytest.mark.parametrize("module", ["optim_root", "callbacks", "routing", "transformers"])
 def test_docstring_examples_run(module, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = doctest.testmod(importlib.import_module(f"root_hf.integrations.{module}"), optionflags=doctest.ELLIPSIS)

@@ -1,34 +1,37 @@
-"""Registration of `optim="root"` with transformers: run by the startup hook (`_root_hf_autoload`) and root_hf.
+"""The patches that give transformers `optim="root"`: run by the startup hook (`_root_hf_autoload`) and root_hf.
 
 Standard library only, and imported only once transformers is (so its size costs nothing at interpreter start-up).
-What it extends (private hooks of transformers, see SPEC section 4; idempotent, version-guarded, an upstream `"root"`
-is never replaced, and a failure becomes a warning, never a broken import):
+It imports nothing of root_hf: what needs root_hf (and so torch) it reaches through one public function of the
+package, `PACKAGE_ENTRY_POINT` (`root_hf.integrations.optim_root_hook`), resolved by name when it is first needed (a
+`Trainer` builds its optimizer, a pickled `OptimizerNames("root")` is loaded). What it patches (private hooks of
+transformers, see SPEC section 4; idempotent, version-guarded, an upstream `"root"` is never replaced, and a failure
+becomes a warning, never a broken import):
 
 - `transformers.training_args.OptimizerNames` gets a member `ROOT = "root"`, so `TrainingArguments(optim="root")`,
-  `--optim root` and configs accept the name. The member pickles through
-  `root_hf.integrations._registration._restore_optim_name`, so a `training_args.bin` loads anywhere root_hf is
-  installed.
-- `transformers.trainer_optimizer._OPTIMIZER_HANDLERS["root"]` builds ROOT for the stock `Trainer`.
-- `transformers.Trainer.get_optimizer_cls_and_kwargs` first checks ROOT's `optim_args` (a malformed item such as
-  `"momentum"` is a `ValueError` naming the item and the `key=value` format, not transformers' bare unpacking error),
-  and `Trainer.create_optimizer` puts a `RootDiagnosticsCallback` in front of the reporting callbacks when the ROOT it
-  built asks for diagnostics (`optim_args="diagnostics_steps=N"`), so they reach `log_history` and every tracker.
+  `--optim root` and configs accept the name. The member pickles through the package's entry point (event
+  `"optim_name"`), so a `training_args.bin` loads anywhere root_hf is installed.
+- `transformers.trainer_optimizer._OPTIMIZER_HANDLERS["root"]` builds ROOT for the stock `Trainer` (event
+  `"optimizer"`).
+- `transformers.Trainer.get_optimizer_cls_and_kwargs` hands `optim="root"` to the package before transformers splits
+  `optim_args` (a malformed item such as `"momentum"` is a `ValueError` naming the item and the `key=value` format,
+  not transformers' bare unpacking error), and `Trainer.create_optimizer` lets the package put a
+  `RootDiagnosticsCallback` in front of the reporting callbacks when the ROOT it built asks for diagnostics
+  (`optim_args="diagnostics_steps=N"`, event `"optimizer_created"`), so they reach `log_history` and every tracker.
 """
 
-import os
+import importlib
 import sys
 import threading
 
-import _root_hf_autoload as _startup
-
 __all__ = [
     "OPTIM_NAME",
+    "PACKAGE_ENTRY_POINT",
     "SUPPORTED_TRANSFORMERS",
     "add_enum_member",
     "patch_trainer",
     "register_handler",
     "register_name",
-    "status",
+    "state",
     "transformers_version_supported",
 ]
 
@@ -42,7 +45,10 @@ SUPPORTED_TRANSFORMERS = ((5, 0), (6, 0))  # [min, max)
 _TRAINING_ARGS = "transformers.training_args"
 _TRAINER_OPTIMIZER = "transformers.trainer_optimizer"
 _TRAINER = "transformers.trainer"
-_HF_MODULE = "root_hf.integrations.transformers"
+# The one name by which this side reaches root_hf, "module:function". Resolved when first needed, never at start-up:
+# importing root_hf imports torch.
+PACKAGE_ENTRY_POINT = "root_hf.integrations:optim_root_hook"
+_PACKAGE = PACKAGE_ENTRY_POINT.partition(".")[0]
 _FALLBACKS = (
     "Use the fallbacks that need no registration: root_hf.RootTrainer (or RootTrainerMixin with any Trainer "
     "subclass), Trainer(optimizer_cls_and_kwargs=(root_hf.RootOptimizerFactory, {...})) or "
@@ -60,21 +66,17 @@ def _warn_once(key, message):
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
-def status():
-    """A dict for `python -m root_hf`: whether the hook ran in this process, and whether `"root"` is registered.
+def state():
+    """What the patches did in this process: a dict for `_root_hf_autoload.status()` and `python -m root_hf`.
 
-    Keys: `autoload` (None, `"on"` or `"off"`), `env` (the value of `ROOT_HF_AUTOLOAD` or None), `watching` (the
-    transformers modules the hook still waits for), `registered` (None when transformers.training_args is not
-    imported, else whether `OptimizerNames("root")` is root_hf's), `handler`, `trainer_patched`.
+    Keys: `registered` (None when transformers.training_args is not imported, else whether `OptimizerNames("root")`
+    is root_hf's), `handler` (whether `_OPTIMIZER_HANDLERS["root"]` is root_hf's), `trainer_patched`.
     """
     training_args = sys.modules.get(_TRAINING_ARGS)
     trainer_optimizer = sys.modules.get(_TRAINER_OPTIMIZER)
     trainer = sys.modules.get(_TRAINER)
     handlers = getattr(trainer_optimizer, "_OPTIMIZER_HANDLERS", None)
     return {
-        "autoload": _startup.autoload_state,
-        "env": os.environ.get(_startup.ENV_VAR),
-        "watching": sorted(_startup._hook.callbacks) if _startup._hook in sys.meta_path else [],
         "registered": None if training_args is None else _owned_member(training_args) is not None,
         "handler": None
         if handlers is None
@@ -83,6 +85,12 @@ def status():
         if trainer is None
         else getattr(getattr(getattr(trainer, "Trainer", None), "create_optimizer", None), _OWNED, False),
     }
+
+
+def _package_entry_point():
+    """`root_hf.integrations.optim_root_hook` (see `PACKAGE_ENTRY_POINT`), resolved by name: imports root_hf."""
+    module_name, _, function_name = PACKAGE_ENTRY_POINT.partition(":")
+    return getattr(importlib.import_module(module_name), function_name)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -133,10 +141,8 @@ def _check_version():
 
 
 def _member_reduce_ex(protocol):
-    # Pickled through the package (stable path, also used by checkpoints written before this module existed).
-    from root_hf.integrations._registration import _restore_optim_name
-
-    return (_restore_optim_name, (OPTIM_NAME,))
+    # Pickled as a call of the package's entry point, which registers the name before it looks the member up.
+    return (_package_entry_point(), ("optim_name", OPTIM_NAME))
 
 
 def add_enum_member(enum_cls, member_name, value):
@@ -200,10 +206,8 @@ def register_name(training_args):
 
 
 def _root_handler(ctx):
-    """`_OPTIMIZER_HANDLERS["root"]`: delegates to `root_hf.integrations.transformers.root_optimizer_handler`."""
-    from root_hf.integrations.transformers import root_optimizer_handler
-
-    return root_optimizer_handler(ctx)
+    """`_OPTIMIZER_HANDLERS["root"]`: the package's `(RootOptimizerFactory, kwargs)` for `ctx.args`, `ctx.model`."""
+    return _package_entry_point()("optimizer", ctx.args, ctx.model)
 
 
 _root_handler._root_hf_owned = True
@@ -234,10 +238,8 @@ def _is_root(args):
 
 def _wrap_get_optimizer_cls_and_kwargs(original):
     def get_optimizer_cls_and_kwargs(args, model=None):
-        if _is_root(args):  # before transformers' own "k=v" split, whose errors name neither item nor format
-            from root_hf.integrations.transformers import parse_root_optim_args
-
-            parse_root_optim_args(args.optim_args)
+        if _is_root(args):  # not through transformers' own "k=v" split, whose errors name neither item nor format
+            return _package_entry_point()("optimizer", args, model)
         return original(args, model)
 
     get_optimizer_cls_and_kwargs.__wrapped__ = original
@@ -249,9 +251,8 @@ def _wrap_get_optimizer_cls_and_kwargs(original):
 def _wrap_create_optimizer(original):
     def create_optimizer(self, model=None):
         optimizer = original(self, model)
-        hf = sys.modules.get(_HF_MODULE)  # imported if root_hf built this optimizer; else nothing to do
-        if hf is not None:
-            hf.attach_root_diagnostics(self, optimizer)
+        if _PACKAGE in sys.modules:  # else root_hf did not build this optimizer: nothing to do, nothing to import
+            _package_entry_point()("optimizer_created", self, optimizer)
         return optimizer
 
     create_optimizer.__wrapped__ = original
