@@ -199,6 +199,39 @@ def run(layout: str, kind: str, out_dir: str) -> dict:
     }
 
 
+def run_hf_layer(layout: str, out_dir: str) -> dict:
+    """What the Hugging Face layer hands ROOT under `TrainingArguments(parallelism_config=...)`: the handler's
+    `create_root_optimizer` on the model as accelerate prepares it (accelerate itself refuses a parallelism_config on
+    CPU), 2 steps against the same handler on the dense model."""
+    from transformers import TrainingArguments
+
+    from root_hf.integrations.transformers import check_root_compatible, create_root_optimizer
+
+    pc = ParallelismConfig(**LAYOUTS[layout])
+    mesh = pc.build_device_mesh("cpu")
+    dp_rank, dp_size = data_parallel(pc, mesh)
+    common = dict(optim="root", learning_rate=0.02, weight_decay=0.1, optim_args="ns_dtype=float32", report_to=[])
+    args = TrainingArguments(output_dir=f"{out_dir}/hf_{layout}", parallelism_config=pc, **common)
+    check_root_compatible(args)
+    dense = build("llama")
+    sharded = prepare(copy.deepcopy(dense), layout, pc, mesh)
+    opt = create_root_optimizer(sharded, args)
+    opt_dense = create_root_optimizer(dense, args, process_group=None)
+    g = torch.Generator().manual_seed(5)
+    for ids in [torch.randint(0, CONFIG["vocab_size"], (4, 12), generator=g) for _ in range(2)]:
+        for model, optimizer, batch in ((sharded, opt, ids.chunk(dp_size)[dp_rank]), (dense, opt_dense, ids)):
+            optimizer.zero_grad()
+            model(input_ids=batch, labels=batch).loss.backward()
+            optimizer.step()
+    root_params = [p for group in opt.param_groups if group.get("use_root") is not False for p in group["params"]]
+    return {
+        "dense_diff": max_diff(sharded, dense),
+        "strategy": opt.distributed_strategy,
+        "root_dtensors": sum(isinstance(p, DTensor) for p in root_params if p.dim() >= 2),
+        "routing": opt.routing_summary,
+    }
+
+
 def run_mixed_group(order: str) -> float:
     """One ROOT group with an FSDP2-sharded Linear and an ignored (plain) one, whose gradient is averaged by hand;
     returns the max diff against one process on the whole batch."""
@@ -237,6 +270,7 @@ def main() -> None:
     for layout in only:
         for kind in ("llama", "moe"):
             results[f"{layout}/{kind}"] = run(layout, kind, out_dir)
+        results[f"hf/{layout}"] = run_hf_layer(layout, out_dir)
     for order in ("dtensor_first", "plain_first"):
         try:
             results[f"mixed/{order}"] = run_mixed_group(order)

@@ -86,3 +86,14 @@ def test_a_group_mixing_dtensors_and_plain_tensors_is_planned_per_param(ranks, o
     for r in ranks:
         diff = r[f"mixed/{order}"]
         assert isinstance(diff, float) and diff < 1e-6, diff
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_the_hf_layer_under_a_parallelism_config_equals_the_dense_run(ranks, layout):
+    # create_root_optimizer(model, TrainingArguments(parallelism_config=...)) on the model as accelerate prepares it
+    for r in ranks:
+        result = r[f"hf/{layout}"]
+        assert result["strategy"] == "fsdp2"
+        assert result["root_dtensors"] == 14  # every hidden matrix, as a DTensor on the mesh
+        assert "embedding 1" in result["routing"] and "lm_head 1" in result["routing"]
+        assert result["dense_diff"] < 1e-5, result["dense_diff"]
