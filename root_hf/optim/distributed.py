@@ -113,9 +113,12 @@ def _assign_owners(
     load = [0] * world_size
     owners = [0] * len(shapes)
     everyone = range(world_size)
+    # ties go to the first rank after a start that depends on the shapes, so that the groups of one optimizer (each
+    # planned on its own) do not all load rank 0 first
+    start = sum(cost) % world_size
     for i in sorted(range(len(shapes)), key=lambda i: (-cost[i], i)):
         allowed = (candidates[i] if candidates is not None else None) or everyone
-        rank = min(allowed, key=lambda r: (load[r], r))
+        rank = min(allowed, key=lambda r: (load[r], (r - start) % world_size))
         owners[i] = rank
         load[rank] += cost[i]
     return tuple(owners)

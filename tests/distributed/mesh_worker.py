@@ -155,14 +155,16 @@ def run(layout: str, kind: str, out_dir: str) -> dict:
         step(dense, opt_dense, ids)
     dense_diff = max_diff(sharded, dense)
     strategy = opt.distributed_strategy
-    loads = []
+    loads: dict[str, list[int]] = {}  # NS FLOPs per step owned by each rank, summed over the groups, per mesh
     for group in opt.param_groups:
-        root_params = [p for p in group["params"] if group.get("use_root", p.dim() >= 2)]
+        use_root = group.get("use_root")
+        root_params = [p for p in group["params"] if (use_root if use_root is not None else p.dim() >= 2)]
         for plan, idx in rdist.plan_groups(root_params):
             if plan.mode == "fsdp2":
-                loads.append(
-                    plan.owner_loads([root_params[i] for i in idx], group["matrix_view"], group["matrix_split"])
-                )
+                per_rank = plan.owner_loads([root_params[i] for i in idx], group["matrix_view"], group["matrix_split"])
+                mesh_name = str(tuple(plan.mesh.mesh_dim_names or ()))
+                total = loads.setdefault(mesh_name, [0] * len(per_rank))
+                loads[mesh_name] = [a + b for a, b in zip(total, per_rank, strict=True)]
 
     ckpt = f"{out_dir}/ckpt_{layout}_{kind}"
     dcp.save(
