@@ -84,7 +84,10 @@ def ns_cost(shape: tuple[int, int]) -> int:
 
 
 def assign_owners(
-    shapes: list[tuple[int, int]], world_size: int, candidates: Sequence[Sequence[int] | None] | None = None
+    shapes: list[tuple[int, int]],
+    world_size: int,
+    candidates: Sequence[Sequence[int] | None] | None = None,
+    initial_loads: Sequence[int] | None = None,
 ) -> list[int]:
     """Owner rank of each `(m, n)` matrix, balancing Newton-Schulz FLOPs (longest-processing-time-first greedy).
 
@@ -92,13 +95,14 @@ def assign_owners(
         shapes: the matrices' shapes.
         world_size: the ranks to balance over.
         candidates: per matrix, the ranks allowed to own it (None: any rank), e.g. the ranks that hold it whole.
+        initial_loads: FLOPs the ranks already own (the groups planned before this one), else zeros.
 
     Returns:
         One owner per matrix. It depends only on the arguments, so every rank computes the same one.
     """
-    return list(
-        _assign_owners(tuple(shapes), world_size, None if candidates is None else tuple(map(_tuple, candidates)))
-    )
+    cands = None if candidates is None else tuple(map(_tuple, candidates))
+    loads = tuple(initial_loads) if initial_loads is not None else (0,) * world_size
+    return list(_assign_owners(tuple(shapes), world_size, cands, loads))
 
 
 def _tuple(c: Sequence[int] | None) -> tuple[int, ...] | None:
@@ -107,18 +111,18 @@ def _tuple(c: Sequence[int] | None) -> tuple[int, ...] | None:
 
 @functools.lru_cache(maxsize=256)
 def _assign_owners(
-    shapes: tuple[tuple[int, int], ...], world_size: int, candidates: tuple[tuple[int, ...] | None, ...] | None
+    shapes: tuple[tuple[int, int], ...],
+    world_size: int,
+    candidates: tuple[tuple[int, ...] | None, ...] | None,
+    initial_loads: tuple[int, ...],
 ) -> tuple[int, ...]:
     cost = [ns_cost(s) for s in shapes]
-    load = [0] * world_size
+    load = list(initial_loads)
     owners = [0] * len(shapes)
     everyone = range(world_size)
-    # ties go to the first rank after a start that depends on the shapes, so that the groups of one optimizer (each
-    # planned on its own) do not all load rank 0 first
-    start = sum(cost) % world_size
     for i in sorted(range(len(shapes)), key=lambda i: (-cost[i], i)):
         allowed = (candidates[i] if candidates is not None else None) or everyone
-        rank = min(allowed, key=lambda r: (load[r], (r - start) % world_size))
+        rank = min(allowed, key=lambda r: (load[r], r))
         owners[i] = rank
         load[rank] += cost[i]
     return tuple(owners)
@@ -262,9 +266,11 @@ def _mesh_group(mesh: Any) -> tuple[Any, list[int]]:
     return group, [dist.get_group_rank(group, r) for r in global_ranks]
 
 
-@functools.lru_cache(maxsize=64)
-def _mesh_layout(key: tuple, mesh: Any, rank: int, group_ranks: tuple[int, ...]) -> _MeshLayout:
-    """Compute the plan for the params described by `key` (per param: global shape, placements, view, split)."""
+def _mesh_layout(
+    key: tuple, mesh: Any, rank: int, group_ranks: tuple[int, ...], initial_loads: list[int]
+) -> _MeshLayout:
+    """Compute the plan for the params described by `key` (per param: global shape, placements, view, split), owners
+    balanced on top of `initial_loads` (per group rank)."""
     mesh_shape = tuple(mesh.shape)
     coords = list(itertools.product(*(range(s) for s in mesh_shape)))  # row-major, as mesh.mesh.reshape(-1)
     world = len(group_ranks)
@@ -312,7 +318,8 @@ def _mesh_layout(key: tuple, mesh: Any, rank: int, group_ranks: tuple[int, ...])
     for q, shape in enumerate(shapes):
         whole = [k for k, p in enumerate(pieces[q]) if p is not None and p.numel == shape[0] * shape[1]]
         candidates.append(tuple(whole) or None)
-    owners_k = assign_owners(shapes, len(coords), candidates)  # flat mesh coordinates
+    initial = [initial_loads[group_ranks[k]] for k in range(len(coords))]
+    owners_k = assign_owners(shapes, len(coords), candidates, initial)  # flat mesh coordinates
 
     def distance(a: int, b: int) -> tuple[int, int]:
         return (sum(x != y for x, y in zip(coords[a], coords[b], strict=True)), b)
@@ -377,14 +384,13 @@ class _DdpLayout:
     loads: list[int]
 
 
-@functools.lru_cache(maxsize=64)
-def _ddp_layout(key: tuple, world: int) -> _DdpLayout:
+def _ddp_layout(key: tuple, world: int, initial_loads: list[int]) -> _DdpLayout:
     units: list[tuple[int, int, Block]] = []
     for j, (shape, view_name, split) in enumerate(key):
         view = param_view(shape, view_name, None if split is None else [split[0], list(split[1])])
         units += [(j, e, blk) for e in range(view.batch) for blk in view.blocks if blk.shape[0] * blk.shape[1] > 0]
     shapes = [blk.shape for _, _, blk in units]
-    owners = assign_owners(shapes, world)
+    owners = assign_owners(shapes, world, None, initial_loads)
     sizes = [m * n for m, n in shapes]
     per_rank = [0] * world
     offsets = [0] * len(units)
@@ -455,6 +461,8 @@ class DistributedPlan:
         self.group = group
         self.rank = dist.get_rank(group) if group is not None else 0
         self.world_size = dist.get_world_size(group) if group is not None else 1
+        self._layouts: dict[tuple, Any] = {}  # layout key -> cached plan of one step
+        self._loads = [0] * self.world_size  # NS FLOPs owned per rank over the cached layouts
 
     def owner_loads(self, params: list[torch.Tensor], matrix_view: str, matrix_split: Any) -> list[int]:
         """Newton-Schulz FLOPs per step owned by each rank of the group, for `params` under this plan."""
@@ -468,11 +476,26 @@ class DistributedPlan:
     def _mesh_layout(self, params: list[torch.Tensor], matrix_view: str, matrix_split: Any) -> _MeshLayout:
         split = _split_key(matrix_split)
         key = tuple((tuple(p.shape), tuple(p.placements), matrix_view, split) for p in params)
-        return _mesh_layout(key, self.mesh, self.rank, self.group_ranks)
+        layout = self._layouts.get(key)
+        if layout is None:
+            layout = _mesh_layout(key, self.mesh, self.rank, self.group_ranks, self._loads)
+            self._remember(key, layout)
+        return layout
 
     def _ddp_layout(self, params: list[torch.Tensor], matrix_view: str, matrix_split: Any) -> _DdpLayout:
         split = _split_key(matrix_split)
-        return _ddp_layout(tuple((tuple(p.shape), matrix_view, split) for p in params), self.world_size)
+        key = tuple((tuple(p.shape), matrix_view, split) for p in params)
+        layout = self._layouts.get(key)
+        if layout is None:
+            layout = _ddp_layout(key, self.world_size, self._loads)
+            self._remember(key, layout)
+        return layout
+
+    def _remember(self, key: tuple, layout: Any) -> None:
+        """Cache a layout; later layouts (the next param groups) are balanced on top of its loads. Every rank plans
+        the same groups in the same order, so they all compute the same owners."""
+        self._layouts[key] = layout
+        self._loads = [a + b for a, b in zip(self._loads, layout.loads, strict=True)]
 
     # -- DDP: every rank has full U; owners orthogonalize; one all_gather of the results ----------------------------
     def ddp_step(
@@ -668,6 +691,11 @@ def _plain_plan(process_group: Any) -> DistributedPlan:
     group = dist.group.WORLD if isinstance(process_group, str) else process_group  # "default"
     if dist.get_world_size(group) <= 1:
         return DistributedPlan("single")
+    return _ddp_plan(group)
+
+
+@functools.lru_cache(maxsize=16)
+def _ddp_plan(group: Any) -> DistributedPlan:
     return DistributedPlan("ddp", group)
 
 

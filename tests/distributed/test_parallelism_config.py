@@ -93,3 +93,20 @@ def test_deepspeed_sequence_parallelism_is_refused_naming_context_parallelism(tm
 
     with pytest.raises(ValueError, match=r"cp_size > 1, cp_backend='torch'"):
         check_root_compatible(_args(tmp_path, sp_size=2, sp_backend="deepspeed"))
+
+
+def test_the_accelerate_config_files_parallelism_keys_are_read_from_accelerates_state(monkeypatch):
+    # `accelerate launch --config_file` with `parallelism_config: {parallelism_config_sp_size: 2, ...}` exports
+    # PARALLELISM_CONFIG_*; the Accelerator builds ParallelismConfig() from them and keeps it in its state.
+    accelerate = pytest.importorskip("accelerate.parallelism_config")
+    from root_hf.integrations import transformers as hf
+
+    monkeypatch.setenv("PARALLELISM_CONFIG_SP_SIZE", "2")
+    monkeypatch.setenv("PARALLELISM_CONFIG_SP_BACKEND", "deepspeed")
+    monkeypatch.setattr(hf, "_accelerate_state", lambda: {"parallelism_config": accelerate.ParallelismConfig()})
+    with pytest.raises(ValueError, match="context parallelism"):
+        hf.check_root_compatible(None)
+    monkeypatch.setenv("PARALLELISM_CONFIG_SP_SIZE", "1")
+    monkeypatch.setenv("PARALLELISM_CONFIG_DP_SHARD_SIZE", "2")
+    monkeypatch.setenv("PARALLELISM_CONFIG_TP_SIZE", "2")
+    hf.check_root_compatible(None)
