@@ -639,6 +639,14 @@ class DistributedPlan:
             if w is not p:
                 p.copy_(w)
 
+    def any_(self, flag: torch.Tensor) -> torch.Tensor:
+        """Logical OR of a one-element tensor (bool or number, nonzero = True) over the group, as a bool tensor on
+        its device: no host sync (for a device-side non-finite check agreed over the mesh)."""
+        t = flag.detach().reshape(1).to(torch.float32)
+        if self.group is not None:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        return t[0] > 0
+
     def all_true(self, flag: bool, device: torch.device) -> bool:
         """Logical AND of `flag` over the group (so every rank takes the same branch)."""
         if self.group is None:

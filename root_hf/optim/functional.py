@@ -137,8 +137,8 @@ def root(
             `update_rms`, `ortho_error`); costs one extra Gram matrix per bucket.
         process_group: None (default): every rank computes every matrix; `"default"` or a `ProcessGroup`: DDP owner
             split, each matrix clipped and orthogonalized by one rank, results all-gathered (only correct when the
-            gradients are identical on all ranks). FSDP2 `DTensor` params always use their mesh's group; `"batched"`
-            ones sharded on a leading (expert) dim hold whole matrices and are orthogonalized where they are.
+            gradients are identical on all ranks). `DTensor` params (FSDP2, HSDP, TP, FSDP + TP) always use their
+            mesh (`root_hf.optim.distributed`); a group may mix them with plain tensors, each planned on its own.
 
     Raises:
         ValueError: for a param with fewer than 2 dims.

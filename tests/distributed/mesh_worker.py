@@ -182,6 +182,11 @@ def run(layout: str, kind: str, out_dir: str) -> dict:
         step(restored, opt_restored, ids.chunk(dp_size)[dp_rank])
     resume_diff = max_diff(sharded, restored)
     index_maps_ok = local_shards_match_the_index_maps(sharded)
+    plan = rdist.plan_for([p for p in sharded.parameters() if isinstance(p, DTensor)])
+    with count_host_syncs() as syncs:  # the device-side agreement: only the last rank of the mesh raises the flag
+        raised = plan.any_(torch.tensor(plan.rank == plan.world_size - 1))
+        quiet = plan.any_(torch.tensor(False))
+    any_ok = bool(raised) and not bool(quiet) and not [c for c in syncs.calls if "distributed.py" in c[1]]
     placements = sorted({str(tuple(p.placements)) for p in sharded.parameters() if isinstance(p, DTensor)})
     return {
         "dense_diff": dense_diff,
@@ -193,6 +198,7 @@ def run(layout: str, kind: str, out_dir: str) -> dict:
         "strategy": strategy,
         "loads": loads,
         "index_maps_ok": index_maps_ok,
+        "any_ok": any_ok,
         "placements": placements,
         "uneven": any(
             isinstance(p, DTensor) and any(rdist._shard_like(s) and p.shape[s.dim] % 2 for s in p.placements)

@@ -47,6 +47,12 @@ def test_steady_steps_make_no_host_sync_in_the_distributed_path(ranks, case):
 
 
 @pytest.mark.parametrize("case", CASES)
+def test_a_flag_is_agreed_over_the_mesh_on_the_device(ranks, case):
+    # DistributedPlan.any_: for the device-side non-finite check (issue 21), an all-reduce without host sync
+    assert all(r[case]["any_ok"] for r in ranks)
+
+
+@pytest.mark.parametrize("case", CASES)
 def test_local_shards_are_where_the_index_maps_say(ranks, case):
     assert all(r[case]["index_maps_ok"] for r in ranks)
 
