@@ -50,6 +50,8 @@ LAYOUTS = {
     "tp": dict(dp_replicate_size=2, tp_size=2),
     "fsdp_tp": dict(dp_shard_size=2, tp_size=2),
 }
+# 8 processes (not in CI): HSDP x TP on a 3-D mesh, whose 2-D FSDP mesh spans half of the world
+LAYOUTS_8 = {"hsdp_tp": dict(dp_replicate_size=2, dp_shard_size=2, tp_size=2)}
 OPT = dict(lr=0.02, ns_dtype="float32", weight_decay=0.1)
 
 
@@ -121,7 +123,7 @@ def local_shards_match_the_index_maps(model: torch.nn.Module) -> bool:
 
 
 def run(layout: str, kind: str, out_dir: str) -> dict:
-    pc = ParallelismConfig(**LAYOUTS[layout])
+    pc = ParallelismConfig(**{**LAYOUTS, **LAYOUTS_8}[layout])
     mesh = pc.build_device_mesh("cpu")
     dp_rank, dp_size = data_parallel(pc, mesh)
     counter = Counter()
@@ -154,6 +156,16 @@ def run(layout: str, kind: str, out_dir: str) -> dict:
         root_module.newton_schulz = counter.original
         step(dense, opt_dense, ids)
     dense_diff = max_diff(sharded, dense)
+    on_root = {id(p) for group in opt.param_groups if group.get("use_root") is not False for p in group["params"]}
+    root_diff = max(
+        (full(x) - y).abs().max().item()
+        for x, y in zip(sharded.parameters(), dense.parameters(), strict=True)
+        if id(x) in on_root and x.dim() >= 2
+    )
+    worst = max(
+        ((full(x) - y).abs().max().item(), name)
+        for (name, x), y in zip(sharded.named_parameters(), dense.parameters(), strict=True)
+    )[1]
     strategy = opt.distributed_strategy
     loads: dict[str, list[int]] = {}  # NS FLOPs per step owned by each rank, summed over the groups, per mesh
     for group in opt.param_groups:
@@ -190,6 +202,8 @@ def run(layout: str, kind: str, out_dir: str) -> dict:
     placements = sorted({str(tuple(p.placements)) for p in sharded.parameters() if isinstance(p, DTensor)})
     return {
         "dense_diff": dense_diff,
+        "worst_param": worst,
+        "root_dense_diff": root_diff,
         "after_load_diff": after_load_diff,
         "resume_diff": resume_diff,
         "matrices": counter.matrices,
@@ -271,14 +285,16 @@ def run_mixed_group(order: str) -> float:
 
 def main() -> None:
     out_dir = sys.argv[1]
-    only = [x for x in sys.argv[2].split(",") if x in LAYOUTS] if len(sys.argv) > 2 else list(LAYOUTS)
+    known = {**LAYOUTS, **LAYOUTS_8}
+    only = [x for x in sys.argv[2].split(",") if x in known] if len(sys.argv) > 2 else list(LAYOUTS)
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
     results = {}
     for layout in only:
         for kind in ("llama", "moe"):
             results[f"{layout}/{kind}"] = run(layout, kind, out_dir)
-        results[f"hf/{layout}"] = run_hf_layer(layout, out_dir)
+        if layout in LAYOUTS:
+            results[f"hf/{layout}"] = run_hf_layer(layout, out_dir)
     for order in ("dtensor_first", "plain_first"):
         try:
             results[f"mixed/{order}"] = run_mixed_group(order)

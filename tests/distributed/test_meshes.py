@@ -26,8 +26,10 @@ def ranks(tmp_path_factory):
 
 @pytest.mark.parametrize("case", CASES)
 def test_three_steps_equal_the_dense_run(ranks, case):
-    # float32 round-off, amplified by 3 x 5 Newton-Schulz steps; orthogonalizing shards alone gives ~1e-3 here
+    # float32 round-off. The largest differences are in the AdamW branch (lm_head: TP sums the logits' gradients in
+    # another order, and Adam's first steps scale tiny gradients up to lr); orthogonalizing shards alone gives ~1e-2
     for r in ranks:
+        assert r[case]["root_dense_diff"] < 1e-5, (case, r[case]["root_dense_diff"])
         assert r[case]["dense_diff"] < (1e-5 if case.endswith("llama") else 5e-5), (case, r[case]["dense_diff"])
 
 
