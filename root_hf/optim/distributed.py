@@ -666,8 +666,14 @@ def _check_placements(p: torch.Tensor) -> None:
             )
 
 
-@functools.lru_cache(maxsize=64)
 def _mesh_plan(mesh: Any) -> DistributedPlan:
+    """One plan per mesh, by value (FSDP2 gives the params of each module an equal but distinct mesh object), within
+    the current default process group (an equal mesh built after a new `init_process_group` gets a new plan)."""
+    return _cached_mesh_plan(mesh, dist.group.WORLD)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_mesh_plan(mesh: Any, world: Any) -> DistributedPlan:
     return DistributedPlan("fsdp2", mesh=mesh)
 
 
