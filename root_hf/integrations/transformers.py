@@ -58,9 +58,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# FSDP2 (DTensor params) is supported by ROOT's sharded Newton-Schulz (root_hf.optim.distributed: whole matrices are
-# gathered to an owner rank, orthogonalized and re-sharded); FSDP1 and DeepSpeed ZeRO hand over flat shards and stay
-# refused.
+# FSDP2 and every mesh accelerate's ParallelismConfig builds (HSDP, tensor parallel, FSDP + TP, context parallel on
+# the FSDP mesh: DTensor params) are supported by ROOT's sharded Newton-Schulz (root_hf.optim.distributed: whole
+# matrices are gathered to an owner rank, orthogonalized and re-sharded); FSDP1 and DeepSpeed ZeRO (also DeepSpeed's
+# Ulysses sequence parallelism) hand over flat shards and stay refused.
 FSDP2_SUPPORTED = True
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -125,7 +126,27 @@ def parse_root_optim_args(optim_args: str | Mapping[str, Any] | None) -> dict[st
 # --------------------------------------------------------------------------------------------------------------------
 
 _DDP_FIX = "use DDP (plain multi-process data parallel, no fsdp / deepspeed)"
-_FIX = f"Use FSDP2 (fsdp_version=2) or {_DDP_FIX}." if FSDP2_SUPPORTED else f"Instead, {_DDP_FIX}."
+_FIX = (
+    f"Use FSDP2 (fsdp_version=2; or a ParallelismConfig: dp_replicate_size / dp_shard_size / tp_size / cp_size) or "
+    f"{_DDP_FIX}."
+    if FSDP2_SUPPORTED
+    else f"Instead, {_DDP_FIX}."
+)
+
+
+def _sequence_parallel_error() -> ValueError:
+    return ValueError(
+        "ROOT cannot run with ParallelismConfig(sp_size > 1, sp_backend='deepspeed'): DeepSpeed's Ulysses sequence "
+        "parallelism runs under DeepSpeed ZeRO, which hands the optimizer flattened 1-D parameter shards. For long "
+        "sequences use context parallelism instead (cp_size > 1, cp_backend='torch', on FSDP2), which ROOT supports."
+    )
+
+
+def _parallelism_config(args: Any | None) -> Any:
+    """The `ParallelismConfig` of this run: from the `TrainingArguments`, else accelerate's state (the accelerate
+    config file's `parallelism_config` keys), else None."""
+    pc = getattr(args, "parallelism_config", None) if args is not None else None
+    return pc if pc is not None else _accelerate_state().get("parallelism_config")
 
 
 def _deepspeed_error() -> ValueError:
@@ -229,8 +250,9 @@ def check_root_compatible(args: Any | None = None, model: nn.Module | None = Non
 
     Checks the `TrainingArguments` (`deepspeed`, `fsdp` and `fsdp_config["version"]`), accelerate's state when
     one exists (`AcceleratorState.distributed_type` and `fsdp_plugin.fsdp_version`; see `fsdp_version`),
-    `ACCELERATE_USE_DEEPSPEED`, and the model's parameters (DeepSpeed's `ds_id`, FSDP1's `FlatParameter`).
-    FSDP2 (DTensor parameters) is accepted.
+    `ACCELERATE_USE_DEEPSPEED`, the `ParallelismConfig` (DeepSpeed's Ulysses `sp_size` is refused), and the model's
+    parameters (DeepSpeed's `ds_id`, FSDP1's `FlatParameter`). FSDP2 and the meshes a `ParallelismConfig` builds
+    (HSDP, tensor parallel, FSDP + TP, context parallel; DTensor parameters) are accepted.
 
     Example:
         >>> check_root_compatible(None, torch.nn.Linear(4, 4))  # nothing to refuse
@@ -239,6 +261,9 @@ def check_root_compatible(args: Any | None = None, model: nn.Module | None = Non
         raise _deepspeed_error()
     if args is not None and getattr(args, "hf_deepspeed_config", None) is not None:
         raise _deepspeed_error()
+    pc = _parallelism_config(args)
+    if pc is not None and getattr(pc, "sp_enabled", False) and getattr(pc, "sp_backend", None) == "deepspeed":
+        raise _sequence_parallel_error()
     if _env_flag("ACCELERATE_USE_DEEPSPEED") or _distributed_type(_accelerate_state()) == "DEEPSPEED":
         raise _deepspeed_error()
     version = fsdp_version(args)

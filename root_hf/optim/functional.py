@@ -18,14 +18,14 @@ from __future__ import annotations
 import functools
 import math
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
 import torch
 
 from ..schedules import Schedule, ScheduleSpec, get_schedule
 from .clip import soft_threshold_clip_
-from .distributed import DistributedPlan, assign_owners, local_tensor, plan_for
+from .distributed import local_grad, local_tensor, plan_groups
 from .hyperparams import ADJUST_LR_FNS
 from .newton_schulz import NsDtype, newton_schulz, resolve_ns_dtype
 from .views import Block, MatrixView, ParamView, as_batch, param_view
@@ -137,8 +137,8 @@ def root(
             `update_rms`, `ortho_error`); costs one extra Gram matrix per bucket.
         process_group: None (default): every rank computes every matrix; `"default"` or a `ProcessGroup`: DDP owner
             split, each matrix clipped and orthogonalized by one rank, results all-gathered (only correct when the
-            gradients are identical on all ranks). FSDP2 `DTensor` params always use their mesh's group; `"batched"`
-            ones sharded on a leading (expert) dim hold whole matrices and are orthogonalized where they are.
+            gradients are identical on all ranks). `DTensor` params (FSDP2, HSDP, TP, FSDP + TP) always use their
+            mesh (`root_hf.optim.distributed`); a group may mix them with plain tensors, each planned on its own.
 
     Raises:
         ValueError: for a param with fewer than 2 dims.
@@ -150,7 +150,6 @@ def root(
         keep = [i for i, p in enumerate(params) if p.numel() > 0]
         params, grads = [params[i] for i in keep], [grads[i] for i in keep]
         momentum_buffers = [momentum_buffers[i] for i in keep]
-    plan = plan_for(params, process_group)
     ortho = _Orthogonalizer(
         clip_quantile=clip_quantile,
         ns_steps=ns_steps,
@@ -171,46 +170,29 @@ def root(
         partitions[(buf.dtype, buf.device)].append(i)
     for (work_dtype, device), idx in partitions.items():
         p_loc = [local_tensor(params[i]) for i in idx]
-        g_loc = [local_tensor(grads[i]) for i in idx]
-        b_loc = [local_tensor(momentum_buffers[i]) for i in idx]
         if weight_decay != 0:
             for p in p_loc:
                 p.mul_(1 - lr * weight_decay)  # decoupled decay with the unscaled lr
-        if plan.mode == "single":
-            step(work_dtype=work_dtype).local(p_loc, g_loc, b_loc, matrix_view, matrix_split)
-            continue
-        out_dtype = _out_dtype(ns_steps, ns_dtype, device, work_dtype)
-        if plan.mode == "ddp":
-            step(work_dtype=work_dtype).ddp(plan, p_loc, g_loc, b_loc, matrix_view, matrix_split, out_dtype)
-            continue
-        # fsdp2: a "batched" tensor sharded on a leading (expert) dim holds whole matrices on each rank: no gather.
-        whole = [j for j, i in enumerate(idx) if matrix_view == "batched" and params[i].dim() >= 3]
-        rows = [j for j in range(len(idx)) if j not in set(whole)]
-        s = step(work_dtype=work_dtype)
-        if whole:
-            s.local(
-                [p_loc[j] for j in whole],
-                [g_loc[j] for j in whole],
-                [b_loc[j] for j in whole],
-                matrix_view,
-                matrix_split,
-            )
-        if rows:
-            views = [param_view(params[idx[j]].shape, matrix_view, matrix_split) for j in rows]
-            s.fsdp2_rows(
-                plan, [p_loc[j] for j in rows], [g_loc[j] for j in rows], [b_loc[j] for j in rows], views, out_dtype
-            )
+        # each param planned on its own (a group may mix DTensors and plain tensors, e.g. FSDP2 ignored_params)
+        for plan, sub in plan_groups([params[i] for i in idx], process_group):
+            js = [idx[k] for k in sub]
+            p_sub = [p_loc[k] for k in sub]
+            g_sub = [local_grad(params[i], grads[i]) for i in js]
+            b_sub = [local_tensor(momentum_buffers[i]) for i in js]
+            s = step(work_dtype=work_dtype)
+            if plan.mode == "single":
+                s.local(p_sub, g_sub, b_sub, matrix_view, matrix_split)
+                continue
+            out_dtype = _out_dtype(ns_steps, ns_dtype, device, work_dtype)
+            if plan.mode == "ddp":
+                plan.ddp_step(s, p_sub, g_sub, b_sub, matrix_view, matrix_split, out_dtype)
+            else:
+                plan.mesh_step(s, [params[i] for i in js], p_sub, g_sub, b_sub, matrix_view, matrix_split, out_dtype)
 
 
 def _momentum_(buf: torch.Tensor, g: torch.Tensor, momentum: float) -> None:
     """`M_t = mu M_{t-1} + G_t` in place, in one pass (`mul_` then `add_` would read and write the buffer twice)."""
     torch.add(g, buf, alpha=momentum, out=buf)
-
-
-def _momentum_direction_(g: torch.Tensor, buf: torch.Tensor, momentum: float, nesterov: bool) -> torch.Tensor:
-    """Update `buf` in place to `M_t = mu M_{t-1} + G_t`; return `U_t` (a new tensor, or `buf` itself)."""
-    _momentum_(buf, g, momentum)
-    return torch.add(g, buf, alpha=momentum) if nesterov else buf  # U_t = G_t + mu M_t
 
 
 def _out_dtype(ns_steps: int, ns_dtype: NsDtype, device: torch.device, work_dtype: torch.dtype) -> torch.dtype:
@@ -239,6 +221,17 @@ class _Step:
 
     def _alpha(self, shape: tuple[int, int]) -> float:
         return -self.lr * adjusted_lr_ratio(self.adjust_lr_fn, shape)
+
+    # the hooks of the distributed paths (root_hf.optim.distributed)
+    alpha = _alpha
+
+    def momentum_(self, buf: torch.Tensor, g: torch.Tensor) -> None:
+        """`M_t = mu M_{t-1} + G_t` in place."""
+        _momentum_(buf, g, self.momentum)
+
+    def direction(self, g: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+        """`U_t` from the updated buffer `M_t`: `G_t + mu M_t` (Nesterov) or `M_t` itself."""
+        return torch.add(g, buf, alpha=self.momentum) if self.nesterov else buf
 
     def local(
         self,
@@ -300,81 +293,6 @@ class _Step:
             k += views[j].batch
         return u
 
-    def ddp(
-        self,
-        plan: DistributedPlan,
-        p_loc: list[torch.Tensor],
-        g_loc: list[torch.Tensor],
-        b_loc: list[torch.Tensor],
-        matrix_view: str,
-        matrix_split: list[Any] | None,
-        out_dtype: torch.dtype,
-    ) -> None:
-        """DDP owner split: every independent matrix (an expert, a block) gets one owner, balanced by its NS FLOPs;
-        owners clip and orthogonalize, one `all_gather` gives every rank every result (momentum stays replicated)."""
-        views = [param_view(p.shape, matrix_view, matrix_split) for p in p_loc]
-        work = [p if p.is_contiguous() else p.contiguous() for p in p_loc]
-        p3 = [as_batch(w, v) for w, v in zip(work, views, strict=True)]
-        g3 = [as_batch(g, v) for g, v in zip(g_loc, views, strict=True)]
-        b3 = [as_batch(b, v) for b, v in zip(b_loc, views, strict=True)]
-        units = [
-            (j, e, blk)
-            for j, v in enumerate(views)
-            for blk in v.blocks
-            if blk.shape[0] * blk.shape[1] > 0
-            for e in range(v.batch)
-        ]
-        shapes = [blk.shape for _, _, blk in units]
-        owners = assign_owners(shapes, plan.world_size)
-        for j in range(len(views)):
-            _momentum_(b_loc[j], g_loc[j], self.momentum)  # U_t is only needed by the owner
-        u = {}
-        for q, (j, e, blk) in enumerate(units):
-            if owners[q] == plan.rank:
-                buf = b3[j][e, blk.rows, blk.cols]
-                u[q] = torch.add(g3[j][e, blk.rows, blk.cols], buf, alpha=self.momentum) if self.nesterov else buf
-        results = _orthogonalize_owned(u, {q: (_whole(shapes[q]),) for q in u}, self.ortho)
-        device = b_loc[0].device if b_loc else torch.device("cpu")
-        updates = plan.all_gather_results(shapes, owners, results, out_dtype, device)
-        for (j, e, blk), x in zip(units, updates, strict=True):
-            p3[j][e, blk.rows, blk.cols].add_(x, alpha=self._alpha(blk.shape))
-        for p, w in zip(p_loc, work, strict=True):
-            if w is not p:
-                p.copy_(w)
-
-    def fsdp2_rows(
-        self,
-        plan: DistributedPlan,
-        p_loc: list[torch.Tensor],
-        g_loc: list[torch.Tensor],
-        b_loc: list[torch.Tensor],
-        views: list[ParamView],
-        out_dtype: torch.dtype,
-    ) -> None:
-        """FSDP2 row shards of `(M, N)` matrix views: one `all_to_all` sends each row shard of `U_t` to the
-        matrix's owner, which clips and orthogonalizes every block of it; a second sends each rank its rows back."""
-        shapes = [v.matrix for v in views]
-        widths = [n for _, n in shapes]
-        owners = assign_owners(shapes, plan.world_size)
-        local_u = [
-            _momentum_direction_(g.reshape(buf.shape[0], n), buf.view(buf.shape[0], n), self.momentum, self.nesterov)
-            for g, buf, n in zip(g_loc, b_loc, widths, strict=True)
-        ]
-        device = b_loc[0].device
-        counts = plan.row_counts([t.shape[0] for t in local_u], device)
-        full_u = plan.gather_to_owners(local_u, widths, owners, counts)
-        results = _orthogonalize_owned(full_u, {i: views[i].blocks for i in full_u}, self.ortho)
-        updates = plan.scatter_from_owners(results, widths, owners, counts, out_dtype, device)
-        for i, (p, x) in enumerate(zip(p_loc, updates, strict=True)):
-            p2 = p.view(x.shape)
-            start = sum(counts[r][i] for r in range(plan.rank))
-            for blk in views[i].blocks:
-                # this rank holds global rows [start, start + rows) of the (M, N) matrix view
-                lo = max(blk.rows.start or 0, start) - start
-                hi = min(blk.rows.stop if blk.rows.stop is not None else shapes[i][0], start + x.shape[0]) - start
-                if hi > lo:
-                    p2[lo:hi, blk.cols].add_(x[lo:hi, blk.cols], alpha=self._alpha(blk.shape))
-
 
 def _chunks(
     buckets: dict[tuple[int, int], list[tuple[int, Block]]], views: list[ParamView]
@@ -394,31 +312,6 @@ def _chunks(
             size += elements
         if run:
             yield (m, n), run
-
-
-def _whole(shape: tuple[int, int]) -> Block:
-    return Block(slice(None), slice(None), shape)
-
-
-def _orthogonalize_owned(
-    u: dict[int, torch.Tensor], blocks: dict[int, tuple[Block, ...]], ortho: Callable[..., torch.Tensor]
-) -> dict[int, torch.Tensor]:
-    """Clip and orthogonalize every block of the full matrices this rank owns, batched by block shape."""
-    buckets: dict[tuple[int, int], list[tuple[int, Block]]] = defaultdict(list)
-    for j in sorted(u):
-        for blk in blocks[j]:
-            buckets[blk.shape].append((j, blk))
-    results: dict[int, torch.Tensor] = {}
-    for entries in buckets.values():
-        x = ortho(torch.stack([u[j][blk.rows, blk.cols] for j, blk in entries]))
-        for k, (j, blk) in enumerate(entries):
-            if len(blocks[j]) == 1:
-                results[j] = x[k]
-            else:
-                if j not in results:
-                    results[j] = x.new_empty(u[j].shape)
-                results[j][blk.rows, blk.cols] = x[k]
-    return results
 
 
 class _Orthogonalizer:

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch.optim.optimizer import Optimizer, ParamsT
 
 from ..schedules import Schedule, ScheduleSpec, get_schedule
-from .distributed import local_tensor, plan_for
+from .distributed import local_grad, local_tensor, plan_for
 from .functional import AdjustLrFn, _flat_param_error, adamw, root
 from .hyperparams import (
     DEFAULTS,
@@ -545,7 +545,7 @@ class ROOT(Optimizer):
                 beta1, beta2 = group["betas"]
                 adamw(  # elementwise: local shards of FSDP2 DTensors are enough
                     [local_tensor(p) for p in on_adamw],
-                    [local_tensor(p.grad) for p in on_adamw],
+                    [local_grad(p, p.grad) for p in on_adamw],
                     exp_avgs,
                     exp_avg_sqs,
                     steps,

@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 import root_hf.optim.functional as root_module
 from root_hf import ROOT
+from tests.host_syncs import count_host_syncs
 
 
 def build_model() -> torch.nn.Module:
@@ -83,13 +84,18 @@ def main() -> None:
     root_module.newton_schulz = counting
     model = torch.nn.parallel.DistributedDataParallel(build(mode))
     opt = ROOT(param_groups(model.module, mode), lr=0.02, process_group="default")
+    distributed_syncs: list[str] = []
     for step, x in enumerate(batches(3)):
         shard = x.chunk(world)[rank]  # each rank sees its slice of the global batch
         opt.zero_grad()
         model(shard).square().mean().backward()
         opt.collect_diagnostics = step == 2
-        opt.step()
+        with count_host_syncs() as syncs:
+            opt.step()
+        if step > 0:  # steady steps: the owner plan is cached, the all_gather sizes are known
+            distributed_syncs += [f"{n} at {w}" for n, w in syncs.calls if "distributed.py" in w]
     result = {
+        "syncs_in_distributed_py": distributed_syncs,
         "params": [p.detach() for p in model.module.parameters()],
         "diagnostics": opt.last_diagnostics,
         "strategy": opt.distributed_strategy,

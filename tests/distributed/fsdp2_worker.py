@@ -25,6 +25,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import root_hf.optim.functional as root_module
 from root_hf import ROOT
+from tests.host_syncs import count_host_syncs
 
 # Odd vocab (101) and intermediate (75) sizes: their rows do not split evenly over 2 ranks.
 CONFIG = dict(
@@ -159,9 +160,15 @@ def main() -> None:
         model(input_ids=ids, labels=ids).loss.backward()
         opt.step()
 
-    for ids in data[:3]:
+    distributed_syncs: list[str] = []
+    for k, ids in enumerate(data[:3]):
         root_module.newton_schulz = counting
-        step(sharded, opt_sharded, ids.chunk(world)[rank])
+        with count_host_syncs() as syncs:
+            step(sharded, opt_sharded, ids.chunk(world)[rank])
+        if k > 0:  # steady steps; all_true is the non-finite check's agreement (ROOT.step passes it a Python bool)
+            distributed_syncs += [
+                f"{n} at {w}" for n, w in syncs.calls if "distributed.py" in w and "(all_true)" not in w
+            ]
         root_module.newton_schulz = original
         step(dense, opt_dense, ids)
     dense_diff = max(
@@ -204,6 +211,7 @@ def main() -> None:
     if rank == 0:
         result = {
             "dense_diff": dense_diff,
+            "syncs_in_distributed_py": distributed_syncs,
             "after_load_diff": after_load_diff,
             "resume_diff": resume_diff,
             "finite": finite,

@@ -23,6 +23,11 @@ def test_three_sharded_steps_equal_the_dense_run(result):
     assert result["dense_diff"] < 1e-5
 
 
+def test_steady_steps_make_no_host_sync_in_the_distributed_path(result):
+    # row counts and owners come from the cached layout, not from an exchange + .tolist() every step
+    assert result["syncs_in_distributed_py"] == []
+
+
 def test_uneven_shards_are_exercised(result):
     # vocab 101 and intermediate 75 rows over 2 ranks: rank 0 holds 51 / 38 rows.
     assert [51, 40] in result["uneven_local_shapes"] and [38, 40] in result["uneven_local_shapes"]
