@@ -18,6 +18,13 @@ Sections (all by default):
 - ``batch-cap`` (ask for it): ROOT's step (bf16 NS) under each candidate of
   ``root_hf.optim.functional.MAX_BATCH_ELEMENTS_PER_THREAD`` (2**22, 2**21, 2**20) against ``torch.optim.Muon``,
   interleaved in one process, per shape set: the figures the default cap was chosen from.
+- ``gram-peers`` (ask for it; root_hf issue 22): ROOT (each ``ns_method`` its hyperparameter table accepts, in each
+  ``--ns-dtypes``) against DeepSpeed's Muon (Gram and standard Newton-Schulz), microsoft/dion's Muon (Polar Express,
+  and Gram through ``gram-newton-schulz``), ``torch.optim.Muon`` and the ``bench`` peers, on the layers of
+  SmolLM2-135M, Llama-3.2-1B, Llama-3.1-8B and Qwen3-30B-A3B (experts as batched ``(E, out, in)`` tensors, router on
+  AdamW): step time (interleaved medians), FLOPs per step (counted with ``FlopCounterMode``) and each optimizer's
+  error against the exact polar factor (float64 SVD) of the same input, then the issue 22 target ratios.
+  ``--gram-sets``, ``--experts``, ``--distinct-shapes``, ``--gram-peers`` and ``--rounds`` cut it down for a CPU.
 
 ``--save`` writes every figure as JSON (default ``benchmarks/results/step_time.json``), which
 ``benchmarks/convergence.py`` puts on the results page. Wall-clock figures on a shared machine are noisy; medians.
@@ -917,13 +924,14 @@ def _smollm2_model() -> tuple[Any, str]:
         try:
             loader = __import__(module, fromlist=["smollm2_path"]).smollm2_path
             path = loader(progress=False) if "progress" in loader.__code__.co_varnames else loader()
-            return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), f"{module}.smollm2_path()"
+            source = f"embedded:smollm2-135m-instruct ({module}.smollm2_path(), as recipes/sft.py resolves it)"
+            return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), source
         except Exception:  # absent module, asset or dependency: try the next
             continue
     return LlamaForCausalLM(smollm2_config()), "random init from SmolLM2-135M's config (asset not available)"
 
 
-def run_e2e(rounds: int, device: str) -> dict[str, Any]:
+def run_e2e(rounds: int, device: str, only: tuple[str, ...] | None = None) -> dict[str, Any]:
     import copy
 
     print("\n== e2e: full fine-tuning step of SmolLM2-135M, batch 4 x 256 tokens, fp32 weights ==")
@@ -945,10 +953,17 @@ def run_e2e(rounds: int, device: str) -> dict[str, Any]:
             torch.optim.Muon(split(m)[0], lr=1e-5, adjust_lr_fn="match_rms_adamw"),
             torch.optim.AdamW(split(m)[1], lr=1e-5, foreach=True),
         ],
-        "ROOT (default ns_dtype)": lambda m: [
-            ROOT([{"params": split(m)[0], "use_root": True}, {"params": split(m)[1], "use_root": False}], lr=1e-5)
-        ],
     }
+    for variant, kwargs in root_variants().items():  # each ns_method ROOT accepts (issue 22), else ROOT as it is
+        builds[f"ROOT {variant} (default ns_dtype)".replace("  ", " ")] = lambda m, kw=kwargs: [
+            ROOT(
+                [{"params": split(m)[0], "use_root": True}, {"params": split(m)[1], "use_root": False}], lr=1e-5, **kw
+            )
+        ]
+    if only is not None:  # e.g. without torch.optim.Muon on a CPU without native bf16 (its NS is bf16 only)
+        print(f"  optimizers: {', '.join(n for n in builds if n in only)} (left out: "
+              f"{', '.join(n for n in builds if n not in only) or 'none'})")  # fmt: skip
+        builds = {name: build for name, build in builds.items() if name in only}
     models = {name: copy.deepcopy(base) for name in builds}
     opts = {name: build(models[name]) for name, build in builds.items()}
     times: dict[str, dict[str, list[float]]] = {n: {"fwd_bwd": [], "opt": []} for n in builds}
@@ -969,12 +984,14 @@ def run_e2e(rounds: int, device: str) -> dict[str, Any]:
                 times[name]["fwd_bwd"].append(mid - start)
                 times[name]["opt"].append(end - mid)
     rows = {}
+    threads = torch.get_num_threads()
+    print(f"  {rounds} timed round(s) after one warm-up round, interleaved, medians; {threads} thread(s)")
+    print(f"  | {'optimizer':<42} | forward+backward | optimizer step | whole step | optimizer share |")
     for name, t in times.items():
         fb, op = statistics.median(t["fwd_bwd"]), statistics.median(t["opt"])
         rows[name] = {"fwd_bwd_s": fb, "opt_s": op, "step_s": fb + op, "opt_share": op / (fb + op)}
-        print(f"  {name:<26} step {fb + op:6.2f} s = forward+backward {fb:6.2f} s + optimizer {op:6.2f} s "
-              f"({op / (fb + op):.0%} of the step)")  # fmt: skip
-    return {"model": source, "rounds": rounds, "rows": rows}
+        print(f"  | {name:<42} | {fb:14.2f} s | {op:12.2f} s | {fb + op:8.2f} s | {op / (fb + op):15.0%} |")
+    return {"model": source, "rounds": rounds, "threads": threads, "rows": rows}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -1096,8 +1113,73 @@ def _ds_module() -> Any:
     return original_muon
 
 
+def _keller_scale(shape: tuple[int, ...]) -> float:
+    """sqrt(max(1, m / n)): the update scale of Keller Jordan's Muon (torch "original", DeepSpeed)."""
+    return math.sqrt(max(1.0, shape[-2] / shape[-1]))
+
+
+def _deepspeed_peers() -> dict[str, dict[str, Any]]:
+    import deepspeed
+
+    ds = _ds_module()
+    dtypes = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    return {
+        f"DeepSpeed Muon ({method})": {
+            "dtype": dtypes[ds.ns_compute_dtype(method)],
+            "experts": "fused",  # is_expert_group: its NS runs batched over the leading dim
+            "build": lambda mats, exps, m=method: ds.SingleDeviceMuon(mats + exps, lr=1e-3, ns_method=m),
+            "probe": lambda mats, exps, m=method: ds.SingleDeviceMuon(
+                mats + exps, lr=1.0, weight_decay=0.0, momentum=0.0, ns_method=m
+            ),
+            "scale": _keller_scale,
+            "version": deepspeed.__version__,
+        }
+        for method in ("gram", "standard")
+    }
+
+
+def _dion_peers(notes: list[str]) -> dict[str, dict[str, Any]]:
+    import importlib.metadata
+
+    import dion
+
+    version = importlib.metadata.version("dion")
+    peers = {
+        "dion Muon (Polar Express)": {
+            "dtype": "bf16",
+            "experts": "fused",  # flatten=False: a 3-D tensor is a batch of matrices
+            "build": lambda mats, exps: dion.Muon(mats + exps, lr=1e-3),
+            "probe": lambda mats, exps: dion.Muon(mats + exps, lr=1.0, mu=0.0, weight_decay=0.0, adjust_lr=None),
+            "scale": lambda shape: 1.0,
+            "version": version,
+        }
+    }
+    try:
+        from gram_newton_schulz import GramNewtonSchulz
+
+        # dion's use_gram_newton_schulz=True with the package's plain-torch backend: its CuTe kernels need CUDA and
+        # its torch.compile is skipped on a CPU (as every peer here runs eager)
+        gns = GramNewtonSchulz(ns_use_kernels=False, gram_newton_schulz_reset_iterations=[2], compile_kwargs=None)
+        ns = lambda x, epsilon=None: gns(x)  # noqa: E731
+        peers["dion Muon (gram)"] = {
+            "dtype": "fp16",
+            "experts": "fused",
+            "build": lambda mats, exps: dion.Muon(mats + exps, lr=1e-3, newton_schulz_func=ns),
+            "probe": lambda mats, exps: dion.Muon(
+                mats + exps, lr=1.0, mu=0.0, weight_decay=0.0, adjust_lr=None, newton_schulz_func=ns
+            ),
+            "scale": lambda shape: 1.0,
+            "version": f"{version}, gram-newton-schulz {importlib.metadata.version('gram-newton-schulz')}",
+        }
+    except Exception as exc:
+        pip = "pip install --no-deps gram-newton-schulz"
+        notes.append(f"dion Muon (gram) skipped ({type(exc).__name__}: {exc}); {pip}")
+    return peers
+
+
 def load_gram_peers(wanted: tuple[str, ...] | None = None) -> tuple[dict[str, dict[str, Any]], list[str]]:
-    """The Muon implementations timed beside ROOT: name -> spec, and a note per absent or skipped one.
+    """The Muon implementations timed beside ROOT (those named in `wanted`, default all): name -> spec, and a note
+    per absent one.
 
     A spec has `dtype` (the NS dtype it iterates in on this machine), `build(matrices, experts)` -> optimizer for the
     step timing (library defaults, lr 1e-3), `probe(matrices, experts)` -> optimizer whose step on a zero parameter
@@ -1106,8 +1188,10 @@ def load_gram_peers(wanted: tuple[str, ...] | None = None) -> tuple[dict[str, di
     """
     peers: dict[str, dict[str, Any]] = {}
     notes: list[str] = []
-    pip = "pip install 'root-hf[bench]'"
-    keller = lambda shape: math.sqrt(max(1.0, shape[-2] / shape[-1]))  # noqa: E731  sqrt(max(1, m / n))
+
+    def want(*names: str) -> bool:
+        return wanted is None or any(n in wanted for n in names)
+
     peers[TORCH_MUON] = {
         "dtype": "bf16",
         "experts": "split",
@@ -1115,84 +1199,37 @@ def load_gram_peers(wanted: tuple[str, ...] | None = None) -> tuple[dict[str, di
         "probe": lambda mats, _: torch.optim.Muon(
             mats, lr=1.0, weight_decay=0.0, momentum=0.0, nesterov=False, adjust_lr_fn="original"
         ),
-        "scale": keller,
+        "scale": _keller_scale,
     }
-    try:
-        import deepspeed
-
-        ds = _ds_module()
-        for method in ("gram", "standard"):
-            peers[f"DeepSpeed Muon ({method})"] = {
-                "dtype": {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[
-                    ds.ns_compute_dtype(method)
-                ],
-                "experts": "fused",  # is_expert_group: its NS runs batched over the leading dim
-                "build": lambda mats, exps, m=method: ds.SingleDeviceMuon(mats + exps, lr=1e-3, ns_method=m),
-                "probe": lambda mats, exps, m=method: ds.SingleDeviceMuon(
-                    mats + exps, lr=1.0, weight_decay=0.0, momentum=0.0, ns_method=m
-                ),
-                "scale": keller,
-                "version": deepspeed.__version__,
-            }
-    except Exception as exc:  # an optional peer: any import failure means "absent"
-        notes.append(f"DeepSpeed Muon skipped ({type(exc).__name__}: {exc}); {pip}")
-    try:
-        import importlib.metadata
-
-        import dion
-
-        version = importlib.metadata.version("dion")
-        peers["dion Muon (Polar Express)"] = {
-            "dtype": "bf16",
-            "experts": "fused",  # flatten=False: a 3-D tensor is a batch of matrices
-            "build": lambda mats, exps: dion.Muon(mats + exps, lr=1e-3),
-            "probe": lambda mats, exps: dion.Muon(mats + exps, lr=1.0, mu=0.0, weight_decay=0.0, adjust_lr=None),
-            "scale": lambda shape: 1.0,
-            "version": version,
-        }
+    if want(DS_GRAM, "DeepSpeed Muon (standard)"):
         try:
-            from gram_newton_schulz import GramNewtonSchulz
-
-            # dion's use_gram_newton_schulz=True with the package's plain-torch backend: its CuTe kernels need CUDA
-            # and its torch.compile is skipped on a CPU (as every peer here runs eager)
-            gns = GramNewtonSchulz(ns_use_kernels=False, gram_newton_schulz_reset_iterations=[2], compile_kwargs=None)
-            ns = lambda x, epsilon=None: gns(x)  # noqa: E731
-            peers["dion Muon (gram)"] = {
-                "dtype": "fp16",
-                "experts": "fused",
-                "build": lambda mats, exps: dion.Muon(mats + exps, lr=1e-3, newton_schulz_func=ns),
-                "probe": lambda mats, exps: dion.Muon(
-                    mats + exps, lr=1.0, mu=0.0, weight_decay=0.0, adjust_lr=None, newton_schulz_func=ns
-                ),
-                "scale": lambda shape: 1.0,
-                "version": f"{version}, gram-newton-schulz {importlib.metadata.version('gram-newton-schulz')}",
-            }
+            peers |= _deepspeed_peers()
+        except Exception as exc:  # an optional peer: any import failure means "absent"
+            notes.append(f"DeepSpeed Muon skipped ({type(exc).__name__}: {exc}); pip install 'root-hf[bench]'")
+    if want("dion Muon (Polar Express)", "dion Muon (gram)"):
+        try:
+            peers |= _dion_peers(notes)
         except Exception as exc:
             notes.append(
-                f"dion Muon (gram) skipped ({type(exc).__name__}: {exc}); pip install --no-deps gram-newton-schulz"
+                f"dion Muon skipped ({type(exc).__name__}: {exc}); dion is not on PyPI: "
+                "pip install git+https://github.com/microsoft/dion"
             )
-    except Exception as exc:
-        notes.append(
-            f"dion Muon skipped ({type(exc).__name__}: {exc}); dion is not on PyPI: "
-            "pip install git+https://github.com/microsoft/dion"
-        )
-    others, other_notes = load_peers()
-    notes += other_notes
-    if "Emerging-Optimizers Muon" in others:
-        cls = others["Emerging-Optimizers Muon"]
-        peers["Emerging-Optimizers Muon"] = {
-            "dtype": "bf16",
-            "experts": "split",
-            "build": lambda mats, _: cls(mats, lr=1e-3, nesterov=True, fp32_matmul_prec="medium"),
-            "probe": None,
-            "scale": None,
-        }
-    if "heavyball Muon" in others:
-        cls = others["heavyball Muon"]
-        peers["heavyball Muon"] = {
-            "dtype": "bf16", "experts": "split", "build": lambda mats, _: cls(mats, lr=1e-3), "probe": None,
-            "scale": None,
-        }  # fmt: skip
+    if want("Emerging-Optimizers Muon", "heavyball Muon"):
+        others, other_notes = load_peers()
+        notes += other_notes
+        if "Emerging-Optimizers Muon" in others:
+            cls = others["Emerging-Optimizers Muon"]
+            peers["Emerging-Optimizers Muon"] = {
+                "dtype": "bf16",
+                "experts": "split",
+                "build": lambda mats, _: cls(mats, lr=1e-3, nesterov=True, fp32_matmul_prec="medium"),
+                "probe": None,
+            }
+        if "heavyball Muon" in others:
+            cls = others["heavyball Muon"]
+            peers["heavyball Muon"] = {
+                "dtype": "bf16", "experts": "split", "build": lambda mats, _: cls(mats, lr=1e-3), "probe": None
+            }  # fmt: skip
     if wanted is not None:
         peers = {name: spec for name, spec in peers.items() if name in wanted}
     return peers, notes
@@ -1284,7 +1321,7 @@ def orthogonalization_probe(
             opt = spec["probe"]([], [p])
     else:
         opt = spec["probe"]([p], [])
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with torch.compiler.set_stance("force_eager"), torch.no_grad(), FlopCounterMode(display=False) as counter:
         opt.step()
         _sync(device)
     return -p.detach().double().cpu() / spec["scale"](shape), counter.get_total_flops()
@@ -1454,6 +1491,7 @@ def collect(
     experts: int | None = None,
     distinct_shapes: bool = False,
     gram_peers: tuple[str, ...] | None = None,
+    e2e_optimizers: tuple[str, ...] | None = None,
 ) -> dict[str, Any]:
     """Run the chosen sections, print their figures and return them as one dict (also written to ``save``)."""
     torch.set_num_threads(threads)
@@ -1499,7 +1537,7 @@ def collect(
     if "memory" in sections:
         result["memory"] = run_memory()
     if "e2e" in sections:
-        result["e2e"] = run_e2e(max(2, rounds // 2), device)
+        result["e2e"] = run_e2e(max(1, rounds // 2), device, e2e_optimizers)
     if "gram-peers" in sections:
         result["gram_peers"] = run_gram_peers(
             gram_sets, rounds, device, peer_layers, ns_dtypes, experts, distinct_shapes, gram_peers
@@ -1590,9 +1628,13 @@ def main() -> None:
         "--gram-peers", default=None, help="gram-peers: the peers to time, comma-separated names (default: all)"
     )
     parser.add_argument(
+        "--e2e-optimizers", default=None, help="e2e: the rows to run, comma-separated names (default: all)"
+    )
+    parser.add_argument(
         "--quick",
         action="store_true",
-        help="seconds, not minutes: peers and ns-dtype on one SmolLM2 layer, 2 rounds, a 1024 matmul peak",
+        help="seconds, not minutes: peers and ns-dtype on one SmolLM2 layer, 2 rounds, a 1024 matmul peak; "
+        "gram-peers on two tiny layers (dense and MoE)",
     )
     parser.add_argument(
         "--save", nargs="?", const=DEFAULT_JSON, type=Path, default=None, help=f"write JSON (default {DEFAULT_JSON})"
@@ -1651,6 +1693,9 @@ def main() -> None:
                 "experts": args.experts,
                 "distinct_shapes": args.distinct_shapes,
                 "gram_peers": tuple(n.strip() for n in args.gram_peers.split(",")) if args.gram_peers else None,
+                "e2e_optimizers": (
+                    tuple(n.strip() for n in args.e2e_optimizers.split(",")) if args.e2e_optimizers else None
+                ),
             }
             | quick
         ),
