@@ -1333,7 +1333,7 @@ def run_gram_peers(
     device: str,
     layers: int | None = None,
     ns_dtypes: tuple[str, ...] = ("bf16", "fp32"),
-    experts: int | None = 8,
+    experts: int | None = None,
     distinct: bool = False,
     wanted_peers: tuple[str, ...] | None = None,
 ) -> dict[str, Any]:
