@@ -960,6 +960,8 @@ def run_e2e(rounds: int, device: str, only: tuple[str, ...] | None = None) -> di
                 [{"params": split(m)[0], "use_root": True}, {"params": split(m)[1], "use_root": False}], lr=1e-5, **kw
             )
         ]
+    if only is not None and set(only) - set(builds):
+        raise ValueError(f"unknown --e2e-optimizers {sorted(set(only) - set(builds))}; choose from {list(builds)}")
     if only is not None:  # e.g. without torch.optim.Muon on a CPU without native bf16 (its NS is bf16 only)
         print(f"  optimizers: {', '.join(n for n in builds if n in only)} (left out: "
               f"{', '.join(n for n in builds if n not in only) or 'none'})")  # fmt: skip
