@@ -18,6 +18,13 @@ Sections (all by default):
 - ``batch-cap`` (ask for it): ROOT's step (bf16 NS) under each candidate of
   ``root_hf.optim.functional.MAX_BATCH_ELEMENTS_PER_THREAD`` (2**22, 2**21, 2**20) against ``torch.optim.Muon``,
   interleaved in one process, per shape set: the figures the default cap was chosen from.
+- ``gram-peers`` (ask for it; root_hf issue 22): ROOT (each ``ns_method`` its hyperparameter table accepts, in each
+  ``--ns-dtypes``) against DeepSpeed's Muon (Gram and standard Newton-Schulz), microsoft/dion's Muon (Polar Express,
+  and Gram through ``gram-newton-schulz``), ``torch.optim.Muon`` and the ``bench`` peers, on the layers of
+  SmolLM2-135M, Llama-3.2-1B, Llama-3.1-8B and Qwen3-30B-A3B (experts as batched ``(E, out, in)`` tensors, router on
+  AdamW): step time (interleaved medians), FLOPs per step (counted with ``FlopCounterMode``) and each optimizer's
+  error against the exact polar factor (float64 SVD) of the same input, then the issue 22 target ratios.
+  ``--gram-sets``, ``--experts``, ``--distinct-shapes``, ``--gram-peers`` and ``--rounds`` cut it down for a CPU.
 
 ``--save`` writes every figure as JSON (default ``benchmarks/results/step_time.json``), which
 ``benchmarks/convergence.py`` puts on the results page. Wall-clock figures on a shared machine are noisy; medians.
@@ -60,12 +67,13 @@ from root_hf.optim.newton_schulz import newton_schulz, resolve_ns_dtype
 from root_hf.schedules import DEFAULT_SCHEDULE
 
 SECTIONS = (
-    "main", "breakdown", "sweep", "memory", "peers", "ns-dtype", "temp-memory", "first-step", "batch-cap", "e2e"
+    "main", "breakdown", "sweep", "memory", "peers", "ns-dtype", "temp-memory", "first-step", "batch-cap", "e2e",
+    "gram-peers",
 )  # fmt: skip
 # what convergence.py's results page reads (collect()'s default); the CLI default adds the issue 16 sections
 LEGACY_SECTIONS = ("main", "breakdown", "sweep", "memory")
 CLI_DEFAULT = ("peers", "ns-dtype", "temp-memory", "first-step", "main", "breakdown", "sweep", "memory")
-QUICK_SECTIONS = ("peers", "ns-dtype")
+QUICK_SECTIONS = ("peers", "ns-dtype", "gram-peers")
 SWEEP_HIDDEN = (256, 576, 1024, 2048)
 PEAK_SIZES = (2048, 3072, 4096)  # square matmuls timed for the machine's peak; the fastest counts
 CUDA_PEAK_SIZES = (4096, 8192)  # an H200 reaches its bf16 peak (about 790 TFLOP/s) only on large products
@@ -916,13 +924,14 @@ def _smollm2_model() -> tuple[Any, str]:
         try:
             loader = __import__(module, fromlist=["smollm2_path"]).smollm2_path
             path = loader(progress=False) if "progress" in loader.__code__.co_varnames else loader()
-            return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), f"{module}.smollm2_path()"
+            source = f"embedded:smollm2-135m-instruct ({module}.smollm2_path(), as recipes/sft.py resolves it)"
+            return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), source
         except Exception:  # absent module, asset or dependency: try the next
             continue
     return LlamaForCausalLM(smollm2_config()), "random init from SmolLM2-135M's config (asset not available)"
 
 
-def run_e2e(rounds: int, device: str) -> dict[str, Any]:
+def run_e2e(rounds: int, device: str, only: tuple[str, ...] | None = None) -> dict[str, Any]:
     import copy
 
     print("\n== e2e: full fine-tuning step of SmolLM2-135M, batch 4 x 256 tokens, fp32 weights ==")
@@ -944,10 +953,19 @@ def run_e2e(rounds: int, device: str) -> dict[str, Any]:
             torch.optim.Muon(split(m)[0], lr=1e-5, adjust_lr_fn="match_rms_adamw"),
             torch.optim.AdamW(split(m)[1], lr=1e-5, foreach=True),
         ],
-        "ROOT (default ns_dtype)": lambda m: [
-            ROOT([{"params": split(m)[0], "use_root": True}, {"params": split(m)[1], "use_root": False}], lr=1e-5)
-        ],
     }
+    for variant, kwargs in root_variants().items():  # each ns_method ROOT accepts (issue 22), else ROOT as it is
+        builds[f"ROOT {variant} (default ns_dtype)".replace("  ", " ")] = lambda m, kw=kwargs: [
+            ROOT(
+                [{"params": split(m)[0], "use_root": True}, {"params": split(m)[1], "use_root": False}], lr=1e-5, **kw
+            )
+        ]
+    if only is not None and set(only) - set(builds):
+        raise ValueError(f"unknown --e2e-optimizers {sorted(set(only) - set(builds))}; choose from {list(builds)}")
+    if only is not None:  # e.g. without torch.optim.Muon on a CPU without native bf16 (its NS is bf16 only)
+        print(f"  optimizers: {', '.join(n for n in builds if n in only)} (left out: "
+              f"{', '.join(n for n in builds if n not in only) or 'none'})")  # fmt: skip
+        builds = {name: build for name, build in builds.items() if name in only}
     models = {name: copy.deepcopy(base) for name in builds}
     opts = {name: build(models[name]) for name, build in builds.items()}
     times: dict[str, dict[str, list[float]]] = {n: {"fwd_bwd": [], "opt": []} for n in builds}
@@ -968,12 +986,14 @@ def run_e2e(rounds: int, device: str) -> dict[str, Any]:
                 times[name]["fwd_bwd"].append(mid - start)
                 times[name]["opt"].append(end - mid)
     rows = {}
+    threads = torch.get_num_threads()
+    print(f"  {rounds} timed round(s) after one warm-up round, interleaved, medians; {threads} thread(s)")
+    print(f"  | {'optimizer':<42} | forward+backward | optimizer step | whole step | optimizer share |")
     for name, t in times.items():
         fb, op = statistics.median(t["fwd_bwd"]), statistics.median(t["opt"])
         rows[name] = {"fwd_bwd_s": fb, "opt_s": op, "step_s": fb + op, "opt_share": op / (fb + op)}
-        print(f"  {name:<26} step {fb + op:6.2f} s = forward+backward {fb:6.2f} s + optimizer {op:6.2f} s "
-              f"({op / (fb + op):.0%} of the step)")  # fmt: skip
-    return {"model": source, "rounds": rounds, "rows": rows}
+        print(f"  | {name:<42} | {fb:14.2f} s | {op:12.2f} s | {fb + op:8.2f} s | {op / (fb + op):15.0%} |")
+    return {"model": source, "rounds": rounds, "threads": threads, "rows": rows}
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -1017,6 +1037,444 @@ def run_batch_cap(shape_sets: tuple[str, ...], rounds: int, device: str) -> dict
     return out
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# gram-peers: ROOT (each ns_method it accepts) vs DeepSpeed's Gram Muon, dion, torch.optim.Muon and the other Muon
+# implementations on the layers of four models: step time, counted FLOPs, error vs the exact polar factor (issue 22)
+# --------------------------------------------------------------------------------------------------------------------
+
+# Llama-3.1-8B (meta-llama/Llama-3.1-8B config.json): hidden 4096, intermediate 14336, 32 heads / 8 KV heads of
+# dim 128.
+LLAMA_31_8B = {"hidden": 4096, "intermediate": 14336, "heads": 32, "kv_heads": 8, "head_dim": 128}
+# Qwen3-30B-A3B (Qwen/Qwen3-30B-A3B config.json): hidden 2048, 32 q heads / 4 KV heads of dim 128, 128 experts of
+# moe_intermediate 768 (gate, up: (128, 768, 2048); down: (128, 2048, 768)), a 128 x 2048 router.
+QWEN3_30B_A3B = {"hidden": 2048, "heads": 32, "kv_heads": 4, "head_dim": 128, "experts": 128, "moe_intermediate": 768}
+# name -> (dims, decoder layers by default); the MoE set is one layer (attention + experts + router). The tiny sets
+# are the --quick smoke run's (seconds on a CPU without native bf16).
+GRAM_SETS: dict[str, tuple[dict[str, int], int]] = {
+    **SHAPE_SETS,
+    "llama-3.1-8b": (LLAMA_31_8B, 1),
+    "qwen3-30b-a3b": (QWEN3_30B_A3B, 1),
+    "tiny-llama": ({"hidden": 64, "intermediate": 160, "heads": 2, "kv_heads": 1, "head_dim": 32}, 1),
+    "tiny-moe": ({"hidden": 64, "heads": 2, "kv_heads": 1, "head_dim": 32, "experts": 4, "moe_intermediate": 32}, 1),
+}
+GRAM_DEFAULT_SETS = ("smollm2-135m", "llama-3.2-1b", "llama-3.1-8b", "qwen3-30b-a3b")
+GRAM_NS_DTYPES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
+# ROOT's ns_method values, timed when its hyperparameter table has them
+NS_METHODS_TRIED = ("standard", "gram", "auto")
+TORCH_MUON, DS_GRAM = "torch.optim.Muon", "DeepSpeed Muon (gram)"
+# the targets of issue 22: (shape set, peer) -> the ROOT bf16 step / peer step ratio to reach
+GRAM_TARGETS = {
+    ("smollm2-135m", TORCH_MUON): 0.9,
+    ("llama-3.2-1b", TORCH_MUON): 0.75,
+    ("llama-3.1-8b", TORCH_MUON): 0.75,
+    ("llama-3.2-1b", DS_GRAM): 0.9,
+    ("llama-3.1-8b", DS_GRAM): 0.9,
+}
+
+
+def gram_set_tensors(
+    set_name: str, layers: int, experts: int | None = None, distinct: bool = False
+) -> dict[str, list[tuple[int, ...]]]:
+    """Parameter shapes of `layers` layers of a shape set: `{"matrices": 2-D, "experts": (E, out, in), "router": 2-D}`.
+
+    `experts` keeps that many of the MoE's experts (a sample, for a CPU); `distinct` keeps one matrix per distinct
+    shape (q and o, k and v, gate and up share theirs) and one layer.
+    """
+    dims, _ = GRAM_SETS[set_name]
+    out: dict[str, list[tuple[int, ...]]] = {"matrices": [], "experts": [], "router": []}
+    if "experts" in dims:
+        n_experts = min(experts or dims["experts"], dims["experts"])
+        attention = llama_hidden_shapes(dims["hidden"], 1, dims["heads"], dims["kv_heads"], dims["head_dim"])[:4]
+        inter, hidden = dims["moe_intermediate"], dims["hidden"]
+        for _ in range(layers):
+            out["matrices"] += attention
+            out["experts"] += [(n_experts, inter, hidden), (n_experts, inter, hidden), (n_experts, hidden, inter)]
+            out["router"].append((dims["experts"], hidden))
+    else:
+        for _ in range(layers):
+            out["matrices"] += llama_hidden_shapes(**dims)
+    if distinct:
+        out = {kind: list(dict.fromkeys(shapes)) for kind, shapes in out.items()}
+    return out
+
+
+def _split_experts(experts: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
+    """Each expert of a fused (E, out, in) tensor as its own 2-D parameter (a view: same storage, same gradient)."""
+    out = []
+    for e in experts:
+        for i in range(e.shape[0]):
+            p = torch.nn.Parameter(e.data[i])
+            p.grad = e.grad[i]
+            out.append(p)
+    return out
+
+
+def _ds_module() -> Any:
+    from deepspeed.runtime.zero.muon import original_muon
+
+    return original_muon
+
+
+def _keller_scale(shape: tuple[int, ...]) -> float:
+    """sqrt(max(1, m / n)): the update scale of Keller Jordan's Muon (torch "original", DeepSpeed)."""
+    return math.sqrt(max(1.0, shape[-2] / shape[-1]))
+
+
+def _deepspeed_peers() -> dict[str, dict[str, Any]]:
+    import deepspeed
+
+    ds = _ds_module()
+    dtypes = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    return {
+        f"DeepSpeed Muon ({method})": {
+            "dtype": dtypes[ds.ns_compute_dtype(method)],
+            "experts": "fused",  # is_expert_group: its NS runs batched over the leading dim
+            "build": lambda mats, exps, m=method: ds.SingleDeviceMuon(mats + exps, lr=1e-3, ns_method=m),
+            "probe": lambda mats, exps, m=method: ds.SingleDeviceMuon(
+                mats + exps, lr=1.0, weight_decay=0.0, momentum=0.0, ns_method=m
+            ),
+            "scale": _keller_scale,
+            "version": deepspeed.__version__,
+        }
+        for method in ("gram", "standard")
+    }
+
+
+def _dion_peers(notes: list[str]) -> dict[str, dict[str, Any]]:
+    import importlib.metadata
+
+    import dion
+
+    version = importlib.metadata.version("dion")
+    peers = {
+        "dion Muon (Polar Express)": {
+            "dtype": "bf16",
+            "experts": "fused",  # flatten=False: a 3-D tensor is a batch of matrices
+            "build": lambda mats, exps: dion.Muon(mats + exps, lr=1e-3),
+            "probe": lambda mats, exps: dion.Muon(mats + exps, lr=1.0, mu=0.0, weight_decay=0.0, adjust_lr=None),
+            "scale": lambda shape: 1.0,
+            "version": version,
+        }
+    }
+    try:
+        from gram_newton_schulz import GramNewtonSchulz
+
+        # dion's use_gram_newton_schulz=True with the package's plain-torch backend: its CuTe kernels need CUDA and
+        # its torch.compile is skipped on a CPU (as every peer here runs eager)
+        gns = GramNewtonSchulz(ns_use_kernels=False, gram_newton_schulz_reset_iterations=[2], compile_kwargs=None)
+        ns = lambda x, epsilon=None: gns(x)  # noqa: E731
+        peers["dion Muon (gram)"] = {
+            "dtype": "fp16",
+            "experts": "fused",
+            "build": lambda mats, exps: dion.Muon(mats + exps, lr=1e-3, newton_schulz_func=ns),
+            "probe": lambda mats, exps: dion.Muon(
+                mats + exps, lr=1.0, mu=0.0, weight_decay=0.0, adjust_lr=None, newton_schulz_func=ns
+            ),
+            "scale": lambda shape: 1.0,
+            "version": f"{version}, gram-newton-schulz {importlib.metadata.version('gram-newton-schulz')}",
+        }
+    except Exception as exc:
+        pip = "pip install --no-deps gram-newton-schulz"
+        notes.append(f"dion Muon (gram) skipped ({type(exc).__name__}: {exc}); {pip}")
+    return peers
+
+
+def load_gram_peers(wanted: tuple[str, ...] | None = None) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """The Muon implementations timed beside ROOT (those named in `wanted`, default all): name -> spec, and a note
+    per absent one.
+
+    A spec has `dtype` (the NS dtype it iterates in on this machine), `build(matrices, experts)` -> optimizer for the
+    step timing (library defaults, lr 1e-3), `probe(matrices, experts)` -> optimizer whose step on a zero parameter
+    writes minus the orthogonalized update times `scale(shape)` (lr 1, momentum and weight decay 0), `scale` and
+    `experts`: "fused" (takes (E, out, in) tensors as batches of matrices) or "split" (2-D parameters only).
+    """
+    peers: dict[str, dict[str, Any]] = {}
+    notes: list[str] = []
+
+    def want(*names: str) -> bool:
+        return wanted is None or any(n in wanted for n in names)
+
+    peers[TORCH_MUON] = {
+        "dtype": "bf16",
+        "experts": "split",
+        "build": lambda mats, _: torch.optim.Muon(mats, lr=1e-3, adjust_lr_fn="match_rms_adamw"),
+        "probe": lambda mats, _: torch.optim.Muon(
+            mats, lr=1.0, weight_decay=0.0, momentum=0.0, nesterov=False, adjust_lr_fn="original"
+        ),
+        "scale": _keller_scale,
+    }
+    if want(DS_GRAM, "DeepSpeed Muon (standard)"):
+        try:
+            peers |= _deepspeed_peers()
+        except Exception as exc:  # an optional peer: any import failure means "absent"
+            notes.append(f"DeepSpeed Muon skipped ({type(exc).__name__}: {exc}); pip install 'root-hf[bench]'")
+    if want("dion Muon (Polar Express)", "dion Muon (gram)"):
+        try:
+            peers |= _dion_peers(notes)
+        except Exception as exc:
+            notes.append(
+                f"dion Muon skipped ({type(exc).__name__}: {exc}); dion is not on PyPI: "
+                "pip install git+https://github.com/microsoft/dion"
+            )
+    if want("Emerging-Optimizers Muon", "heavyball Muon"):
+        others, other_notes = load_peers()
+        notes += other_notes
+        if "Emerging-Optimizers Muon" in others:
+            cls = others["Emerging-Optimizers Muon"]
+            peers["Emerging-Optimizers Muon"] = {
+                "dtype": "bf16",
+                "experts": "split",
+                "build": lambda mats, _: cls(mats, lr=1e-3, nesterov=True, fp32_matmul_prec="medium"),
+                "probe": None,
+            }
+        if "heavyball Muon" in others:
+            cls = others["heavyball Muon"]
+            peers["heavyball Muon"] = {
+                "dtype": "bf16", "experts": "split", "build": lambda mats, _: cls(mats, lr=1e-3), "probe": None
+            }  # fmt: skip
+    if wanted is not None:
+        peers = {name: spec for name, spec in peers.items() if name in wanted}
+    return peers, notes
+
+
+def root_variants() -> dict[str, dict[str, Any]]:
+    """ROOT's constructor options to time: each `ns_method` its hyperparameter table accepts, else ROOT as it is."""
+    from root_hf.optim.hyperparams import HYPERPARAMS
+
+    if "ns_method" not in HYPERPARAMS:
+        return {"": {}}
+    out = {}
+    for method in NS_METHODS_TRIED:
+        try:
+            HYPERPARAMS["ns_method"].check(method)
+        except ValueError:
+            continue
+        out[f"ns_method={method}"] = {"ns_method": method}
+    return out
+
+
+def _root_groups(mats: list, exps: list, router: list) -> list[dict[str, Any]]:
+    groups: list[dict[str, Any]] = [{"params": mats}] if mats else []
+    if exps:
+        groups.append({"params": exps, "matrix_view": "batched"})
+    if router:
+        groups.append({"params": router, "use_root": False})
+    return groups
+
+
+def _gram_candidates(peers: dict[str, dict[str, Any]], ns_dtypes: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """Every optimizer of the section: ROOT per variant and NS dtype, then the peers, then AdamW."""
+    out: dict[str, dict[str, Any]] = {}
+    for variant, kwargs in root_variants().items():
+        for ns in ns_dtypes:
+            dtype = GRAM_NS_DTYPES[ns]
+            name = f"ROOT {variant} ({ns} NS)".replace("  ", " ")
+            out[name] = {
+                "dtype": ns,
+                "experts": "fused",
+                "root": True,
+                "build": lambda mats, exps, router, kw=kwargs, d=dtype: [
+                    ROOT(_root_groups(mats, exps, router), lr=1e-3, ns_dtype=d, **kw)
+                ],
+                # clip off: the error measures the orthogonalization alone, on the same input as the peers'
+                "probe": lambda mats, exps, kw=kwargs, d=dtype: ROOT(
+                    _root_groups(mats, exps, []),
+                    lr=1.0,
+                    weight_decay=0.0,
+                    momentum=0.0,
+                    clip_quantile=None,
+                    adjust_lr_fn=None,
+                    ns_dtype=d,
+                    **kw,
+                ),
+                "scale": lambda shape: 1.0,
+            }
+    for name, spec in peers.items():
+        out[name] = {
+            **spec,
+            "build": lambda mats, exps, router, b=spec["build"]: (
+                [b(mats, exps)] + ([torch.optim.AdamW(router, lr=1e-3, foreach=True)] if router else [])
+            ),
+        }
+    out[ADAMW] = {
+        "dtype": "-",
+        "experts": "fused",
+        "build": lambda mats, exps, router: [torch.optim.AdamW(mats + exps + router, lr=1e-3, foreach=True)],
+        "probe": None,
+    }
+    return out
+
+
+def orthogonalization_probe(
+    spec: dict[str, Any], shape: tuple[int, ...], grad: torch.Tensor, device: str
+) -> tuple[torch.Tensor, int]:
+    """The optimizer's orthogonalized update of `grad` (one matrix, or a batch for a fused expert tensor) and the FLOPs
+    its step spent (counted by `torch.utils.flop_counter.FlopCounterMode`)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    p = torch.nn.Parameter(torch.zeros(shape, device=device))
+    p.grad = grad.to(device=device, dtype=torch.float32).clone()
+    if len(shape) == 3:
+        if spec["experts"] == "split":
+            params = _split_experts([p])
+            opt = spec["probe"](params, [])
+        else:
+            p.is_expert_group = True  # DeepSpeed: NS batched over the leading dim
+            opt = spec["probe"]([], [p])
+    else:
+        opt = spec["probe"]([p], [])
+    with torch.compiler.set_stance("force_eager"), torch.no_grad(), FlopCounterMode(display=False) as counter:
+        opt.step()
+        _sync(device)
+    return -p.detach().double().cpu() / spec["scale"](shape), counter.get_total_flops()
+
+
+def run_gram_peers(
+    set_names: tuple[str, ...],
+    rounds: int,
+    device: str,
+    layers: int | None = None,
+    ns_dtypes: tuple[str, ...] = ("bf16", "fp32"),
+    experts: int | None = None,
+    distinct: bool = False,
+    wanted_peers: tuple[str, ...] | None = None,
+) -> dict[str, Any]:
+    """ROOT against the Muon implementations per shape set: step time (interleaved medians), FLOPs per step (counted
+    on one step of each distinct shape) and each optimizer's error against the exact polar factor (float64 SVD) of
+    the same Gaussian input, one per distinct shape (a sample of 2 experts for a fused expert tensor)."""
+    peers, notes = load_gram_peers(wanted_peers)
+    print("\n== gram-peers: ROOT vs the Muon implementations, step time / FLOPs / error vs the exact polar factor ==")
+    for note in notes:
+        print(f"  note: {note}")
+    for name, spec in peers.items():
+        if "version" in spec:
+            print(f"  {name}: version {spec['version']}, NS in {spec['dtype']} here")
+    if any(n.startswith("DeepSpeed") for n in peers):
+        ds = _ds_module()
+        print(
+            f"  DeepSpeed: SingleDeviceMuon; ns_method='gram' runs {ds.zeropower_via_gram_newtonschulz.__name__} "
+            f"(fp16 where its accelerator supports fp16, else fp32: {ds.ns_compute_dtype('gram')} here; restart at "
+            "step 2; Keller Jordan's Muon coefficients), 'standard' runs zeropower_via_newtonschulz5"
+        )
+    print(
+        "  every peer runs eager (torch.compiler.set_stance('force_eager'): DeepSpeed's and dion's torch.compile "
+        "would compile per shape for minutes on a CPU); torch.optim.Muon, heavyball and Emerging-Optimizers take "
+        "2-D parameters only, so they get each expert of a fused expert tensor as its own matrix"
+    )
+    variants = root_variants()
+    print("  ROOT variants: " + (", ".join(variants) if "" not in variants else "ROOT as it is (no ns_method option)"))
+    threads = torch.get_num_threads()
+    result: dict[str, Any] = {"notes": notes, "threads": threads, "variants": list(variants), "sets": {}}
+    result["peer_versions"] = {n: s["version"] for n, s in peers.items() if "version" in s}
+    gen = torch.Generator().manual_seed(0)
+    with torch.compiler.set_stance("force_eager"):
+        for set_name in set_names:
+            n_layers = 1 if distinct else (layers or GRAM_SETS[set_name][1])
+            shapes = gram_set_tensors(set_name, n_layers, experts, distinct)
+            cands = _gram_candidates(peers, ns_dtypes)
+            # -- error and FLOPs: one step of each optimizer on one Gaussian matrix per distinct shape
+            distinct_shapes = list(dict.fromkeys(shapes["matrices"] + shapes["experts"]))
+            counts: dict[tuple[int, ...], int] = defaultdict(int)
+            for s in shapes["matrices"] + shapes["experts"]:
+                counts[s] += 1
+            errors: dict[str, dict[str, float]] = defaultdict(dict)
+            flops: dict[str, float] = defaultdict(float)
+            for shape in distinct_shapes:
+                probe_shape = (min(2, shape[0]), *shape[1:]) if len(shape) == 3 else shape
+                g = torch.randn(probe_shape, generator=gen, dtype=torch.float64)
+                u, _, vh = torch.linalg.svd(g, full_matrices=False)
+                polar = u @ vh
+                per_matrix = shape[0] / probe_shape[0] if len(shape) == 3 else 1.0
+                for name, spec in cands.items():
+                    if spec.get("probe") is None:
+                        continue
+                    out, f = orthogonalization_probe(spec, probe_shape, g, device)
+                    err = (out - polar).flatten(-2).norm(dim=-1) / polar.flatten(-2).norm(dim=-1)
+                    errors[name]["x".join(map(str, shape))] = float(err.max())
+                    flops[name] += f * per_matrix * counts[shape]
+            # -- step time: every optimizer on the same parameters and gradients, interleaved round-robin
+            g2 = torch.Generator().manual_seed(0)
+
+            def tensor(shape: tuple[int, ...], g2: torch.Generator = g2) -> torch.nn.Parameter:
+                p = torch.nn.Parameter((torch.randn(shape, generator=g2) * 0.02).to(device))
+                p.grad = (torch.randn(shape, generator=g2) * 1e-3).to(device)
+                return p
+
+            mats = [tensor(s) for s in shapes["matrices"]]
+            exps = [tensor(s) for s in shapes["experts"]]
+            router = [tensor(s) for s in shapes["router"]]
+            for e in exps:
+                e.is_expert_group = True  # DeepSpeed: NS batched over the leading dim (ignored by the others)
+            split = _split_experts(exps) if exps else []
+            fns: dict[str, Callable[[], None]] = {}
+            for name, spec in cands.items():
+                fused = spec["experts"] == "fused"
+                opts = spec["build"](mats if fused else mats + split, exps if fused else [], router)
+                params = mats + (exps if fused else split) + router
+
+                def step(opts: list = opts) -> None:
+                    for opt in opts:
+                        opt.step()
+
+                fns[name] = with_grads(step, params, device)
+            t = interleaved_medians(fns, rounds, warmup=1)
+            n_params = sum(p.numel() for p in mats + exps + router)
+            row = {
+                "layers": n_layers,
+                "params": n_params,
+                "experts": shapes["experts"][0][0] if shapes["experts"] else None,
+                "distinct_only": distinct,
+                "shapes": {"x".join(map(str, s)): c for s, c in counts.items()},
+                "dtype": {n: c["dtype"] for n, c in cands.items()},
+                "ms": {n: t[n] * 1e3 for n in cands},
+                "gflop": {n: flops[n] / 1e9 for n in cands if n in flops},
+                "error": dict(errors),
+            }
+            result["sets"][set_name] = row
+            _print_gram_set(set_name, row, rounds, threads)
+            del fns, mats, exps, router, split
+    return result
+
+
+def _print_gram_set(set_name: str, row: dict[str, Any], rounds: int, threads: int) -> None:
+    total = GRAM_SETS[set_name][0].get("experts")
+    experts = f", {row['experts']} of the {total} experts (a sample)" if row["experts"] else ""
+    if row["experts"] and row["experts"] == total:
+        experts = f", all {total} experts"
+    what = "one matrix per distinct shape" if row["distinct_only"] else f"{row['layers']} layer(s)"
+    print(
+        f"-- {set_name}: {what}{experts}, {row['params'] / 1e6:.1f}M params, {threads} thread(s), {rounds} rounds "
+        "(medians)"
+    )
+    shapes = list(row["shapes"])
+    print(f"  {'optimizer':<34} {'NS':>4} {'step ms':>10} {'GFLOP':>8}  error vs polar per shape: {', '.join(shapes)}")
+    for name, ms in row["ms"].items():
+        gf = f"{row['gflop'][name]:8.4g}" if name in row["gflop"] else f"{'-':>8}"
+        err = row["error"].get(name)
+        err_text = " ".join(f"{err[s]:.4f}" for s in shapes) if err else "-"
+        print(f"  {name:<34} {row['dtype'][name]:>4} {ms:10.1f} {gf}  {err_text}")
+    ms = row["ms"]
+    for name in (n for n in ms if n.startswith("ROOT") and row["dtype"][n] == "bf16"):
+        for peer in (TORCH_MUON, DS_GRAM):
+            if peer not in ms:
+                continue
+            ratio = ms[name] / ms[peer]
+            target = GRAM_TARGETS.get((set_name, peer))
+            verdict = f"target <= {target}x: {'met' if ratio <= target else 'NOT met'}" if target else "no target"
+            if target and set_name == "smollm2-135m" and threads != 1:
+                verdict = f"the target, <= {target}x, is at 1 thread"
+            mine, theirs = row["error"].get(name, {}), row["error"].get(peer, {})
+            lower = sum(mine[s] <= theirs[s] for s in shapes if s in mine and s in theirs)
+            print(
+                f"  {name} / {peer} ({row['dtype'][peer]} NS): {ratio:.2f}x ({verdict}); error max "
+                f"{max(mine.values(), default=float('nan')):.4f} vs {max(theirs.values(), default=float('nan')):.4f}, "
+                f"equal or lower on {lower} of {len(shapes)} shapes"
+            )
+    ds = row["dtype"].get(DS_GRAM)
+    for name in (n for n in ms if n.startswith("ROOT") and ds and row["dtype"][n] == ds and ds != "bf16"):
+        print(f"  {name} / {DS_GRAM} at equal NS dtype ({ds}): {ms[name] / ms[DS_GRAM]:.2f}x")
+
+
 def collect(
     sections: tuple[str, ...] = LEGACY_SECTIONS,
     *,
@@ -1031,6 +1489,11 @@ def collect(
     peak_sizes: tuple[int, ...] = PEAK_SIZES,
     rounds: int = 5,
     ns_dtypes: tuple[str, ...] = ("bf16", "fp32"),
+    gram_sets: tuple[str, ...] = GRAM_DEFAULT_SETS,
+    experts: int | None = None,
+    distinct_shapes: bool = False,
+    gram_peers: tuple[str, ...] | None = None,
+    e2e_optimizers: tuple[str, ...] | None = None,
 ) -> dict[str, Any]:
     """Run the chosen sections, print their figures and return them as one dict (also written to ``save``)."""
     torch.set_num_threads(threads)
@@ -1049,6 +1512,9 @@ def collect(
             "sections": list(sections),
             "rounds": rounds,
             "shape_sets": list(shape_sets),
+            "gram_sets": list(gram_sets),
+            "experts": experts,
+            "distinct_shapes": distinct_shapes,
         },
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "default_schedule": DEFAULT_SCHEDULE,
@@ -1073,7 +1539,11 @@ def collect(
     if "memory" in sections:
         result["memory"] = run_memory()
     if "e2e" in sections:
-        result["e2e"] = run_e2e(max(2, rounds // 2), device)
+        result["e2e"] = run_e2e(max(1, rounds // 2), device, e2e_optimizers)
+    if "gram-peers" in sections:
+        result["gram_peers"] = run_gram_peers(
+            gram_sets, rounds, device, peer_layers, ns_dtypes, experts, distinct_shapes, gram_peers
+        )
     result["seconds"] = time.perf_counter() - start
     result["machine"]["load_average_1m_end"] = machine_dict()["load_average_1m"]
     print(f"\ntotal {result['seconds']:.0f} s; load average {result['machine']['load_average_1m']} at the start, "
@@ -1144,9 +1614,29 @@ def main() -> None:
     )
     parser.add_argument("--e2e", action="store_true", help="add the e2e section (real SmolLM2-135M; slow)")
     parser.add_argument(
+        "--gram-sets",
+        default=",".join(GRAM_DEFAULT_SETS),
+        help=f"shape sets of gram-peers, a subset of {','.join(GRAM_SETS)} (NS dtypes: --ns-dtypes, also fp16)",
+    )
+    parser.add_argument(
+        "--experts", type=int, default=None, help="gram-peers: experts kept per MoE expert tensor (default: all)"
+    )
+    parser.add_argument(
+        "--distinct-shapes",
+        action="store_true",
+        help="gram-peers: one matrix per distinct shape instead of whole layers (q/o, k/v, gate/up once)",
+    )
+    parser.add_argument(
+        "--gram-peers", default=None, help="gram-peers: the peers to time, comma-separated names (default: all)"
+    )
+    parser.add_argument(
+        "--e2e-optimizers", default=None, help="e2e: the rows to run, comma-separated names (default: all)"
+    )
+    parser.add_argument(
         "--quick",
         action="store_true",
-        help="seconds, not minutes: peers and ns-dtype on one SmolLM2 layer, 2 rounds, a 1024 matmul peak",
+        help="seconds, not minutes: peers and ns-dtype on one SmolLM2 layer, 2 rounds, a 1024 matmul peak; "
+        "gram-peers on two tiny layers (dense and MoE)",
     )
     parser.add_argument(
         "--save", nargs="?", const=DEFAULT_JSON, type=Path, default=None, help=f"write JSON (default {DEFAULT_JSON})"
@@ -1176,11 +1666,18 @@ def main() -> None:
     shape_sets = tuple(s.strip() for s in args.shape_sets.split(",") if s.strip())
     if set(shape_sets) - set(SHAPE_SETS):
         parser.error(f"unknown shape sets {sorted(set(shape_sets) - set(SHAPE_SETS))}; choose from {list(SHAPE_SETS)}")
+    gram_sets = tuple(s.strip() for s in args.gram_sets.split(",") if s.strip())
+    if set(gram_sets) - set(GRAM_SETS):
+        parser.error(f"unknown gram sets {sorted(set(gram_sets) - set(GRAM_SETS))}; choose from {list(GRAM_SETS)}")
+    ns_dtypes = tuple(d.strip() for d in args.ns_dtypes.split(",") if d.strip())
+    if set(ns_dtypes) - set(GRAM_NS_DTYPES):
+        parser.error(f"unknown NS dtypes {sorted(set(ns_dtypes) - set(GRAM_NS_DTYPES))}; choose from bf16, fp32, fp16")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda needs a CUDA GPU; none is visible to torch")
     quick: dict[str, Any] = {"peak_sizes": CUDA_PEAK_SIZES} if args.device == "cuda" else {}
     if args.quick:
         quick |= {"shape_sets": ("smollm2-135m",), "peer_layers": 1, "peak_sizes": (1024,), "rounds": 2}
+        quick |= {"gram_sets": ("tiny-llama", "tiny-moe")}
     collect(
         sections,
         layers=args.layers,
@@ -1193,7 +1690,14 @@ def main() -> None:
                 "shape_sets": shape_sets,
                 "rounds": args.rounds,
                 "peer_layers": args.peer_layers,
-                "ns_dtypes": tuple(d.strip() for d in args.ns_dtypes.split(",") if d.strip()),
+                "ns_dtypes": ns_dtypes,
+                "gram_sets": gram_sets,
+                "experts": args.experts,
+                "distinct_shapes": args.distinct_shapes,
+                "gram_peers": tuple(n.strip() for n in args.gram_peers.split(",")) if args.gram_peers else None,
+                "e2e_optimizers": (
+                    tuple(n.strip() for n in args.e2e_optimizers.split(",")) if args.e2e_optimizers else None
+                ),
             }
             | quick
         ),
