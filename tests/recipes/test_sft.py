@@ -66,6 +66,8 @@ def assert_finished_run(out: Path, peft: bool = True) -> dict:
     results = json.loads((out / "results.json").read_text())
     assert math.isfinite(results["after"]["eval_loss"]) and math.isfinite(results["before"]["eval_loss"])
     assert 0 <= results["after"]["eval_mean_token_accuracy"] <= 1
+    for key in ("eval_token_accuracy", "eval_answer_exact_match"):  # compute_metrics, via the evaluate module
+        assert 0 <= results["before"][key] <= 1 and 0 <= results["after"][key] <= 1
     assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / ("adapter_model.safetensors" if peft else "model.safetensors")).is_file()
     assert "| eval loss |" in (out / "README.md").read_text()
