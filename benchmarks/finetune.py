@@ -33,11 +33,12 @@ then cosine decay to 0, as the `Trainer`'s `cosine`; weight decay 0, the `Traine
   (0.9, 0.999), eps 1e-8, weight decay 0), otherwise the package defaults (clip 0.90-quantile, `lora_policy`).
 - `ROOT clip off`: as `ROOT` with `clip_quantile=None` (the clip isolated), at ROOT's best lr.
 
-The plan, in the order it trains (most decision-relevant first; `plan_runs`): 1. on the first task, full and LoRA:
-each optimizer's lr sweep at seed 0, the clip-off run at ROOT's best lr and the drop-in runs (ROOT at AdamW's best lr,
-which the shared grid holds, and at TRL's default lr 2e-5); 2. the same on the other tasks; 3. seeds 1 and 2 of every
-best lr and of the drop-in runs; 4. the noisy variant (20% of the training answers replaced by another item's answer)
-at the clean best lrs, 3 seeds; 5. the too-high-lr probe (every optimizer at 10x its own best lr, seed 0).
+The plan, in the order it trains (most decision-relevant first; `plan_runs`): 1. on the first task (`chat`, the
+recipe's), LoRA then full: the shared lr grid at seed 0 with the optimizers side by side at each lr, each sweep
+extended past an edge where its best lr sits, the clip-off run at ROOT's best lr and the drop-in runs (ROOT at AdamW's
+best lr, which the shared grid holds, and at TRL's default lr 2e-5); 2. the same on the other tasks; 3. seeds 1 and 2
+of every best lr and of the drop-in runs; 4. the noisy variant (20% of the training answers replaced by another
+item's answer) at the clean best lrs, 3 seeds; 5. the too-high-lr probe (every optimizer at 10x its own best lr).
 
 Runs are cached one JSON file each under `benchmarks/results/finetune/` (committed), keyed by everything that changes
 them (task data, budget, model, the harness's and this study's versions, ROOT's defaults), so the study accumulates
@@ -181,7 +182,20 @@ QUICK_DESIGN = Design(
     lrs={"full": (1e-5,), "lora": (1e-3,)}, max_extra=0, seeds=(0,), tasks=("arith",), modes=("lora",)
 )
 
+# CPU seconds per training step at the default Budget, 1 thread (`--step-time`, CPU time on the 2-core AMD EPYC
+# development machine, 2026-12-07): forward + backward by mode, and each optimizer's step. Only the CPU estimate
+# printed with the report uses them.
+STEP_CPU_S = {
+    "lora forward+backward": 3.0,
+    "full forward+backward": 4.5,
+    "lora optimizer step": 0.05,
+    "full optimizer step AdamW": 0.5,
+    "full optimizer step Muon": 10.0,
+    "full optimizer step ROOT": 10.0,
+}
+
 SWEPT = ("AdamW", "Muon", "ROOT")
+GENERATED = ("arith", "langid")  # tasks scored on greedy-generated answers
 OPTIMIZERS: dict[str, dict[str, Any]] = {
     "AdamW": {"kind": "adamw"},
     "Muon": {"kind": "torch_muon"},
@@ -244,7 +258,7 @@ def _qa(question: str, answer: str) -> dict[str, str]:
 
 
 def _langid(text: str, language: str) -> dict[str, str]:
-    return _qa(f"Which language is this text written in? Answer with one word.\n\n{text}", language.capitalize())
+    return _qa(f"Name the language of this text:\n{text}", language.capitalize())
 
 
 ITEMS: dict[str, Callable[[Budget], tuple[list[dict[str, str]], list[dict[str, str]]]]] = {
@@ -327,6 +341,11 @@ class FinetuneTask(Task):
         self.end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
         train_rows, held_rows = ITEMS[task](budget)
         self.train_rows, self.held_rows = with_wrong_labels(train_rows, wrong_labels), held_rows
+        if task in GENERATED:  # the answer must be whole: items longer than max_len are left out
+            fits = [len(encode_chat_pair(self.tokenizer, r, None)[0]) <= budget.max_len for r in train_rows]
+            self.train_rows = [r for r, ok in zip(self.train_rows, fits, strict=True) if ok]
+            fits = [len(encode_chat_pair(self.tokenizer, r, None)[0]) <= budget.max_len for r in held_rows]
+            self.held_rows = [r for r, ok in zip(held_rows, fits, strict=True) if ok]
         self.train = [encode_chat_pair(self.tokenizer, r, budget.max_len) for r in self.train_rows]
         self.held = [encode_chat_pair(self.tokenizer, r, budget.max_len) for r in self.held_rows]
         ids = self.tokenizer(forget_text())["input_ids"]
@@ -479,7 +498,7 @@ class FinetuneTask(Task):
     def task_metrics(self, model: torch.nn.Module) -> dict[str, Any]:
         """The task's held-out metrics (see the module docstring), all in [0, 1]."""
         out: dict[str, Any] = dict(self.teacher_forced(model))
-        if self.name in ("arith", "langid"):
+        if self.name in GENERATED:
             answers = self.generate(model)
             refs = [r["answer"] for r in self.held_rows]
             if self.name == "arith":
@@ -745,8 +764,32 @@ def _row(runs: list[dict[str, Any]], task: str) -> list[str]:
     ]
 
 
+def run_cpu_s(mode: str, name: str, budget: Budget) -> float:
+    """Estimated CPU seconds of one run (`STEP_CPU_S`): the steps, the evaluations (a forward is about a third of
+    forward + backward) and the final metrics (about three more evaluation passes)."""
+    fb = STEP_CPU_S[f"{mode} forward+backward"]
+    opt = STEP_CPU_S["lora optimizer step"] if mode == "lora" else STEP_CPU_S[f"full optimizer step {name}"]
+    passes = budget.steps // budget.eval_every + 1 + 3
+    return budget.steps * (fb + opt) + passes * (budget.eval_size / budget.batch_size) * fb / 3
+
+
+def estimate(missing: list[str], budget: Budget) -> str:
+    """CPU time of the missing runs (one thread), from their labels `[task mode variant] name ...`."""
+    total = 0.0
+    for m in missing:
+        mode = "full" if " full " in m.split("]")[0] + " " else "lora"
+        name = m.split("] ", 1)[1]
+        opt = "ROOT" if name.startswith("ROOT") else "Muon" if name.startswith("Muon") else "AdamW"
+        total += run_cpu_s(mode, opt, budget)
+    return f"{total / 3600:.0f} CPU hours at 1 thread (`STEP_CPU_S`)"
+
+
 def report(
-    studies: dict[tuple[str, str, str], FinetuneStudy], plan: dict[str, Any], design: Design, plot_path: Path | None
+    studies: dict[tuple[str, str, str], FinetuneStudy],
+    plan: dict[str, Any],
+    design: Design,
+    budget: Budget,
+    plot_path: Path | None,
 ) -> str:
     """Markdown tables of every (task, mode) from the cached runs, and the plot."""
     lines: list[str] = []
@@ -754,7 +797,7 @@ def report(
     missing = [m for s in studies.values() for m in s.missing]
     total = done + len(missing)
     lines.append(f"**{done} of {total} runs of the design cached** (a run whose lr depends on an unfinished sweep")
-    lines.append("counts once as missing).")
+    lines.append(f"counts once as missing). The missing runs need about {estimate(missing, budget)}.")
     lines.append("")
     for task in design.tasks:
         for mode in design.modes:
@@ -883,31 +926,43 @@ def plot(plan: dict[str, Any], design: Design, path: Path) -> bool:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def step_time(budget: Budget, repeats: int = 3) -> None:
-    """Median seconds per training step (batch, forward, backward, ROOT step), full and LoRA, float32 and bf16
-    autocast, interleaved round-robin, on the chat task's batches."""
-    from benchmarks.harness import interleaved_medians
-
-    fns = {}
+def step_time(budget: Budget, repeats: int = 3) -> dict[str, float]:
+    """CPU seconds (`time.process_time`: on a shared machine closer to an idle machine's wall time than the wall
+    clock) of one training step's forward + backward, full and LoRA, float32 and bf16 autocast, on the chat task's
+    batches (round-robin, median of `repeats`), and of one optimizer step of each optimizer (median of 2)."""
+    out: dict[str, float] = {}
+    models = {}
     for mode in MODES:
         for bf16 in (False, True):
             task = FinetuneTask("chat", mode, budget, bf16=bf16)
-            model = task.build(0)
-            opt = build_optimizers(model, OPTIMIZERS["ROOT"], 1e-4)[0]
-            batches = task.batches(0)
-
-            def fn(task: FinetuneTask = task, model: torch.nn.Module = model, opt: Any = opt, it: Any = batches):
-                loss = task.loss(model, next(it))
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                return float(loss.detach())
-
-            fns[f"{mode} {'bf16 autocast' if bf16 else 'float32'}"] = fn
-    medians = interleaved_medians(fns, repeats, warmup=1)
-    print(f"seconds per step (batch {budget.batch_size}, <= {budget.max_len} tokens), median of {repeats}:")
-    for name, t in medians.items():
-        print(f"  {name:<22} {t:.2f}")
+            models[(mode, bf16)] = (task, task.build(0), task.batches(0))
+    times: dict[tuple[str, bool], list[float]] = {k: [] for k in models}
+    for _ in range(repeats):
+        for key, (task, model, it) in models.items():
+            batch = next(it)
+            start = time.process_time()
+            loss = task.loss(model, batch)
+            loss.backward()
+            times[key].append(time.process_time() - start)
+            model.zero_grad(set_to_none=True)
+    for (mode, bf16), t in times.items():
+        out[f"{mode} forward+backward {'bf16 autocast' if bf16 else 'float32'}"] = statistics.median(t)
+    for mode in MODES:
+        task, model, it = models[(mode, False)]
+        task.loss(model, next(it)).backward()
+        for name in SWEPT:
+            opts = task.optimizers(model, OPTIMIZERS[name], 1e-5)
+            t = []
+            for _ in range(2):
+                start = time.process_time()
+                for o in opts:
+                    o.step()
+                t.append(time.process_time() - start)
+            out[f"{mode} optimizer step {name}"] = statistics.median(t)
+    print(f"CPU seconds, 1 thread (batch {budget.batch_size}, <= {budget.max_len} tokens per example):")
+    for name, t in out.items():
+        print(f"  {name:<36} {t:.2f}")
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -1018,7 +1073,7 @@ def main(argv: list[str] | None = None) -> None:
             s.report_only, s.missing = True, {}
         plan = plan_runs(studies, design)
     plot_path = args.plot or (results / "finetune.png" if args.quick else REPO / "docs" / "img" / "finetune.png")
-    body = report(studies, plan, design, plot_path)
+    body = report(studies, plan, design, budget, plot_path)
     print()
     print(body)
     if not args.quick:
