@@ -1076,6 +1076,9 @@ def main(argv: list[str] | None = None) -> None:
     body = report(studies, plan, design, budget, plot_path)
     print()
     print(body)
+    missing = [m for s in studies.values() for m in s.missing]
+    if missing:
+        print(f"\nAll {len(missing)} missing runs, in plan order:\n  " + "\n  ".join(missing))
     if not args.quick:
         write_docs(docs_section(body, studies, budget, design))
         print(f"\nwrote the fine-tuning section of {DOCS.relative_to(REPO)}")
