@@ -1,5 +1,5 @@
 """Fine-tuning study: the real SmolLM2-135M-Instruct fine-tuned fully and with LoRA on three tasks, with AdamW,
-`torch.optim.Muon` + AdamW, ROOT (defaults) and ROOT with the clip off.
+Muon + AdamW, ROOT (defaults) and ROOT with the clip off.
 
 Usage:
     python benchmarks/finetune.py                   # train what is missing (in plan order), then the report
@@ -26,9 +26,13 @@ Optimizers (every run: the same batches in the same order, the same schedule: li
 then cosine decay to 0, as the `Trainer`'s `cosine`; weight decay 0, the `Trainer` default):
 
 - `AdamW`: `torch.optim.AdamW` with the `Trainer` defaults (betas (0.9, 0.999), eps 1e-8).
-- `Muon`: `torch.optim.Muon` (`adjust_lr_fn="match_rms_adamw"`) on the matrices ROOT's routing sends to its ROOT
-  branch (`create_root_optimizer`: hidden matrices; for LoRA the factors `lora_policy` allows), AdamW (`Trainer`
-  defaults) on the rest.
+- `Muon`: `torch.optim.Muon`'s update (its quintic coefficients, momentum 0.95 with Nesterov, no clip,
+  `adjust_lr_fn="match_rms_adamw"`) computed in float32 by ROOT's code path (`clip_quantile=None,
+  ns_coefficients="muon"`), on the matrices ROOT's routing sends to its ROOT branch (hidden matrices; for LoRA the
+  factors `lora_policy` allows), the `Trainer`'s AdamW on the rest. Not `torch.optim.Muon` itself: its Newton-Schulz
+  runs in bfloat16, which this CPU (AMD EPYC, no AVX512-BF16/AMX) emulates: 5.1 CPU seconds per 1536 x 576 matrix
+  against 0.37 s for ROOT's float32 (1 thread, 2026-12-07), about 30 CPU hours per full fine-tuning run.
+  `torch.optim.Muon` itself is the spec `{"kind": "torch_muon"}` (`build_optimizers`), for a GPU.
 - `ROOT`: `create_root_optimizer(model, lr=...)` as `--optim root` builds it from `TrainingArguments` (betas
   (0.9, 0.999), eps 1e-8, weight decay 0), otherwise the package defaults (clip 0.90-quantile, `lora_policy`).
 - `ROOT clip off`: as `ROOT` with `clip_quantile=None` (the clip isolated), at ROOT's best lr.
@@ -198,7 +202,7 @@ SWEPT = ("AdamW", "Muon", "ROOT")
 GENERATED = ("arith", "langid")  # tasks scored on greedy-generated answers
 OPTIMIZERS: dict[str, dict[str, Any]] = {
     "AdamW": {"kind": "adamw"},
-    "Muon": {"kind": "torch_muon"},
+    "Muon": {"kind": "root", "clip_quantile": None, "ns_coefficients": "muon"},
     "ROOT": {"kind": "root"},
     "ROOT clip off": {"kind": "root", "clip_quantile": None},
 }
@@ -773,15 +777,22 @@ def run_cpu_s(mode: str, name: str, budget: Budget) -> float:
     return budget.steps * (fb + opt) + passes * (budget.eval_size / budget.batch_size) * fb / 3
 
 
-def estimate(missing: list[str], budget: Budget) -> str:
-    """CPU time of the missing runs (one thread), from their labels `[task mode variant] name ...`."""
+def estimate_hours(missing: list[str], budget: Budget) -> float:
+    """CPU hours (one thread) of the missing runs, from their labels `[task mode variant] name ...`."""
     total = 0.0
     for m in missing:
         mode = "full" if " full " in m.split("]")[0] + " " else "lora"
         name = m.split("] ", 1)[1]
         opt = "ROOT" if name.startswith("ROOT") else "Muon" if name.startswith("Muon") else "AdamW"
         total += run_cpu_s(mode, opt, budget)
-    return f"{total / 3600:.0f} CPU hours at 1 thread (`STEP_CPU_S`)"
+    return total / 3600
+
+
+def estimate_all(studies: dict[tuple[str, str, str], FinetuneStudy], budget: Budget) -> str:
+    """CPU time of the whole design: the cached runs (their measured seconds) plus the missing ones' estimate."""
+    done = sum(r.get("train_seconds", 0.0) for s in studies.values() for r in s.runs.values()) / 3600
+    missing = [m for s in studies.values() for m in s.missing]
+    return f"{done + estimate_hours(missing, budget):.0f} CPU hours at 1 thread"
 
 
 def report(
@@ -796,8 +807,9 @@ def report(
     done = sum(len(s.runs) for s in studies.values())
     missing = [m for s in studies.values() for m in s.missing]
     total = done + len(missing)
+    hours = estimate_hours(missing, budget)
     lines.append(f"**{done} of {total} runs of the design cached** (a run whose lr depends on an unfinished sweep")
-    lines.append(f"counts once as missing). The missing runs need about {estimate(missing, budget)}.")
+    lines.append(f"counts once as missing). The missing runs need about {hours:.0f} CPU hours at 1 thread.")
     lines.append("")
     for task in design.tasks:
         for mode in design.modes:
@@ -1017,12 +1029,19 @@ def docs_section(body: str, studies: dict[tuple[str, str, str], FinetuneStudy], 
             f"a chatterbot question, {len(LANGUAGES)} languages; metric: accuracy of the greedy-generated label). "
             "Metrics are the local `evaluate` modules in `recipes/metrics/`. Forgetting: loss on general text "
             "(Python standard-library docstrings) after minus before the fine-tune.",
-            "- Optimizers: AdamW (the `Trainer` defaults), `torch.optim.Muon` + AdamW, ROOT (`--optim root` "
+            "- Optimizers: AdamW (the `Trainer` defaults), Muon (`torch.optim.Muon`'s update in float32 through "
+            "ROOT's code path: `torch.optim.Muon`'s bfloat16 Newton-Schulz is 14x slower on this CPU) + AdamW, "
+            "ROOT (`--optim root` "
             "defaults), ROOT with the clip off at ROOT's best lr. lr grids (seed 0, extended past an edge up to "
             f"{design.max_extra} points): full {list(design.lrs['full'])}, LoRA {list(design.lrs['lora'])}; seeds "
             f"{list(design.seeds)} at each best lr; noisy variant: {design.wrong_labels:.0%} of the training answers "
             f"replaced by another item's answer; probe: each optimizer at {design.probe_factor:g}x its best lr; "
             f"drop-in: ROOT at AdamW's best lr and at TRL's default lr {TRL_DEFAULT_LR:g}.",
+            "- Cost per step (CPU seconds at 1 thread, `--step-time`, batch of the default budget): "
+            + ", ".join(f"{k} {v:g}" for k, v in STEP_CPU_S.items())
+            + f". The whole design needs about {estimate_all(studies, budget)}. bf16 autocast is no help on this CPU "
+            "(AMD EPYC without AVX512-BF16/AMX): a LoRA forward + backward took 83.6 CPU seconds against 7.3 in "
+            "float32 (one step each, same batch size, 2026-12-07), so the study runs in float32.",
             f"- Machine: 2 shared CPU cores, 1 torch thread, niced (1-minute load average during the runs: {load}); "
             "seconds per step are therefore only comparable within a row's seeds, not across sessions.",
             "",
