@@ -186,16 +186,19 @@ QUICK_DESIGN = Design(
     lrs={"full": (1e-5,), "lora": (1e-3,)}, max_extra=0, seeds=(0,), tasks=("arith",), modes=("lora",)
 )
 
-# CPU seconds per training step at the default Budget, 1 thread (`--step-time`, CPU time on the 2-core AMD EPYC
-# development machine, 2026-12-07): forward + backward by mode, and each optimizer's step. Only the CPU estimate
-# printed with the report uses them.
+# CPU seconds (`time.process_time`, 1 thread) per training step at the default Budget on the 2-core AMD EPYC
+# development machine, 2026-12-07, under a load average of 9-24 (medians of 3 forward + backward on chat batches of
+# 8 x 52-64 tokens; optimizer steps: median of 2, the first one included). Muon's runs take ROOT's code path, so it
+# is given ROOT's figure. Only the CPU estimates printed with the report use them.
 STEP_CPU_S = {
-    "lora forward+backward": 3.0,
-    "full forward+backward": 4.5,
-    "lora optimizer step": 0.05,
-    "full optimizer step AdamW": 0.5,
-    "full optimizer step Muon": 10.0,
-    "full optimizer step ROOT": 10.0,
+    "lora forward+backward": 7.0,
+    "full forward+backward": 9.1,
+    "lora optimizer step AdamW": 0.05,
+    "lora optimizer step Muon": 0.13,
+    "lora optimizer step ROOT": 0.13,
+    "full optimizer step AdamW": 1.4,
+    "full optimizer step Muon": 44.2,
+    "full optimizer step ROOT": 44.2,
 }
 
 SWEPT = ("AdamW", "Muon", "ROOT")
@@ -329,7 +332,15 @@ def task_key(task: str, mode: str, budget: Budget, wrong_labels: float) -> dict[
 class FinetuneTask(Task):
     """SmolLM2-135M-Instruct, fully or LoRA fine-tuned on one task's items (see the module docstring)."""
 
-    def __init__(self, task: str, mode: str, budget: Budget, wrong_labels: float = 0.0, bf16: bool = False) -> None:
+    def __init__(
+        self,
+        task: str,
+        mode: str,
+        budget: Budget,
+        wrong_labels: float = 0.0,
+        bf16: bool = False,
+        device: str = "cpu",
+    ) -> None:
         from transformers import AutoTokenizer
 
         from recipes.assets import smollm2_path
@@ -337,6 +348,7 @@ class FinetuneTask(Task):
         if task not in TASKS or mode not in MODES:
             raise ValueError(f"Invalid task/mode: {task!r}/{mode!r}. Must be one of {TASKS} / {MODES}.")
         self.name, self.mode, self.budget, self.bf16 = task, mode, budget, bf16
+        self.device = torch.device(device)
         self.plan = Plan(budget.steps, budget.eval_every, warmup_steps(budget.warmup_fraction, budget.steps), 0.0)
         self.path = smollm2_path()
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
@@ -355,7 +367,7 @@ class FinetuneTask(Task):
         ids = self.tokenizer(forget_text())["input_ids"]
         n = budget.forget_windows
         stride = max(1, (len(ids) - budget.forget_len) // max(1, n - 1))
-        self.forget = torch.tensor([ids[i * stride : i * stride + budget.forget_len] for i in range(n)])
+        self.forget = torch.tensor([ids[i * stride : i * stride + budget.forget_len] for i in range(n)]).to(device)
         self._before: dict[str, float] | None = None
         self._metrics: dict[str, Any] = {}
 
@@ -373,7 +385,7 @@ class FinetuneTask(Task):
                 r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=0.0, target_modules=list(LORA["targets"])
             )
             model = get_peft_model(model, config)
-        return model.train()
+        return model.to(self.device).train()
 
     def optimizers(self, model: torch.nn.Module, spec: dict[str, Any], lr: float) -> list[torch.optim.Optimizer]:
         return build_optimizers(model, spec, lr)
@@ -396,7 +408,7 @@ class FinetuneTask(Task):
             mask[i, : len(x)] = 1
         targets = torch.full_like(labels, -100)  # position t predicts token t + 1
         targets[:, :-1] = labels[:, 1:]
-        return {"input_ids": ids, "attention_mask": mask, "labels": targets}
+        return {k: v.to(self.device) for k, v in {"input_ids": ids, "attention_mask": mask, "labels": targets}.items()}
 
     def batches(self, seed: int) -> Iterator[dict[str, torch.Tensor]]:
         """Seeded permutations of the training items (epoch after epoch), `batch_size` per step."""
@@ -416,7 +428,7 @@ class FinetuneTask(Task):
     # -- losses --
 
     def _autocast(self) -> Any:
-        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16)
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
     def logits(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits at the target positions, targets): the 49k-way head runs only where a target exists."""
@@ -486,14 +498,14 @@ class FinetuneTask(Task):
                 mask[i, width - len(p) :] = 1
             with self._autocast():
                 out = model.generate(
-                    input_ids=ids,
-                    attention_mask=mask,
+                    input_ids=ids.to(self.device),
+                    attention_mask=mask.to(self.device),
                     max_new_tokens=self.budget.gen_tokens,
                     do_sample=False,
                     pad_token_id=self.pad,
                     eos_token_id=self.end,
                 )
-            for row in out[:, width:].tolist():
+            for row in out[:, width:].cpu().tolist():
                 row = row[: row.index(self.end)] if self.end in row else row
                 answers.append(self.tokenizer.decode(row, skip_special_tokens=True).strip())
         model.train(was)
@@ -581,15 +593,18 @@ class FinetuneStudy(Study):
         report_only: bool = False,
         write: bool = True,
         bf16: bool = False,
+        device: str = "cpu",
     ) -> None:
         key = task_key(task, mode, budget, wrong_labels)
         if bf16:
             key["bf16"] = True
+        if device != "cpu":  # ROOT's Newton-Schulz dtype and the kernels differ: a run set of its own
+            key["device"] = torch.device(device).type
         variant = "noisy" if wrong_labels else "clean"
         super().__init__(
             results if write else None,
             key,
-            lambda: FinetuneTask(task, mode, budget, wrong_labels, bf16),
+            lambda: FinetuneTask(task, mode, budget, wrong_labels, bf16, device),
             report_only=report_only,
             label=f"[{task} {mode} {variant}] ",
         )
@@ -772,7 +787,7 @@ def run_cpu_s(mode: str, name: str, budget: Budget) -> float:
     """Estimated CPU seconds of one run (`STEP_CPU_S`): the steps, the evaluations (a forward is about a third of
     forward + backward) and the final metrics (about three more evaluation passes)."""
     fb = STEP_CPU_S[f"{mode} forward+backward"]
-    opt = STEP_CPU_S["lora optimizer step"] if mode == "lora" else STEP_CPU_S[f"full optimizer step {name}"]
+    opt = STEP_CPU_S[f"{mode} optimizer step {name}"]
     passes = budget.steps // budget.eval_every + 1 + 3
     return budget.steps * (fb + opt) + passes * (budget.eval_size / budget.batch_size) * fb / 3
 
@@ -795,6 +810,23 @@ def estimate_all(studies: dict[tuple[str, str, str], FinetuneStudy], budget: Bud
     return f"{done + estimate_hours(missing, budget):.0f} CPU hours at 1 thread"
 
 
+def settled_pair(
+    studies: dict[tuple[str, str, str], FinetuneStudy], plan: dict[str, Any], design: Design, task: str, mode: str
+) -> bool:
+    """Every swept optimizer has a best lr strictly inside its sweep and a cached run at every seed there."""
+    entry = plan.get((task, mode))
+    if not entry:
+        return False
+    s = studies[(task, mode, "clean")]
+    for name in SWEPT:
+        sweep, best = entry["sweeps"].get(name) or {}, entry["best"].get(name)
+        if best is None or best in (min(sweep), max(sweep)):
+            return False
+        if len(_runs(s, name, best, design.seeds)) < len(design.seeds):
+            return False
+    return True
+
+
 def report(
     studies: dict[tuple[str, str, str], FinetuneStudy],
     plan: dict[str, Any],
@@ -810,6 +842,17 @@ def report(
     hours = estimate_hours(missing, budget)
     lines.append(f"**{done} of {total} runs of the design cached** (a run whose lr depends on an unfinished sweep")
     lines.append(f"counts once as missing). The missing runs need about {hours:.0f} CPU hours at 1 thread.")
+    lines.append("")
+    settled = [f"{t} {m}" for t in design.tasks for m in design.modes if settled_pair(studies, plan, design, t, m)]
+    lines.append(
+        f"Settled (every optimizer's best lr inside its sweep, all {len(design.seeds)} seeds cached): "
+        + (", ".join(settled) if settled else "none yet")
+        + f" of {len(design.tasks) * len(design.modes)} (task, mode) pairs. "
+        + (
+            "No recommendation is drawn from unsettled pairs; the recipe's defaults (lr, `lora_policy`) are not "
+            "set from this study until its pair is settled."
+        )
+    )
     lines.append("")
     for task in design.tasks:
         for mode in design.modes:
@@ -983,15 +1026,16 @@ def step_time(budget: Budget, repeats: int = 3) -> dict[str, float]:
 
 
 def make_studies(
-    results: Path, budget: Budget, design: Design, report_only: bool, write: bool
+    results: Path, budget: Budget, design: Design, report_only: bool, write: bool, device: str = "cpu"
 ) -> dict[tuple[str, str, str], FinetuneStudy]:
+    """The clean and noisy study of every (task, mode) of the design."""
     studies = {}
     for task in design.tasks:
         for mode in design.modes:
-            studies[(task, mode, "clean")] = FinetuneStudy(results, task, mode, budget, 0.0, report_only, write)
-            studies[(task, mode, "noisy")] = FinetuneStudy(
-                results, task, mode, budget, design.wrong_labels, report_only, write
-            )
+            for variant, share in (("clean", 0.0), ("noisy", design.wrong_labels)):
+                studies[(task, mode, variant)] = FinetuneStudy(
+                    results, task, mode, budget, share, report_only, write, device=device
+                )
     return studies
 
 
@@ -1070,6 +1114,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-runs", type=int, default=None, help="train at most this many missing runs")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
     parser.add_argument("--step-time", action="store_true", help="seconds per step, full / LoRA, fp32 / bf16")
+    parser.add_argument(
+        "--device", default="cpu", help="torch device of the runs (default: cpu; other devices are cached apart)"
+    )
     parser.add_argument("--plot", type=Path, default=None, help="PNG path (default: docs/img/finetune.png)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -1081,7 +1128,7 @@ def main(argv: list[str] | None = None) -> None:
         step_time(budget)
         return
     results = RESULTS / ("finetune-quick" if args.quick else "finetune")
-    studies = make_studies(results, budget, design, args.report_only, write=not args.quick)
+    studies = make_studies(results, budget, design, args.report_only, write=not args.quick, device=args.device)
     start = time.perf_counter()
     plan = plan_runs(studies, design, None if args.report_only else args.max_runs)
     if not args.report_only and not plan["stopped"]:
