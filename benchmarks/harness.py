@@ -374,7 +374,8 @@ class Task:
     - `loss(model, batch) -> tensor`,
     - `batch(generator) -> batch` (one batch from the run's seeded generator) or `batches(seed)` (the whole order),
     - `eval_batches() -> [batch, ...]` (for the token-weighted eval loss) or `evaluate(model) -> float`;
-    - for noise injection, `vocab` (label noise) and `hidden_matrices(model) -> [(name, param), ...]` (outliers).
+    - for noise injection, `vocab` (label noise) and `hidden_matrices(model) -> [(name, param), ...]` (outliers);
+    - optionally `final_metrics(model) -> dict` (held-out metrics after the last step).
     """
 
     plan: Plan
@@ -408,6 +409,11 @@ class Task:
     def initial_eval(self, model: torch.nn.Module) -> float:
         """Eval loss before the first step (a task may know it already: LoRA starts from the base model)."""
         return self.evaluate(model)
+
+    def final_metrics(self, model: torch.nn.Module) -> dict[str, Any]:
+        """Held-out metrics besides the eval loss, computed once after the last step of a run that did not diverge
+        (default: none); `train_run` stores a non-empty result as the run's `metrics`."""
+        return {}
 
 
 def _masked_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -646,7 +652,8 @@ def train_run(
         A JSON-serializable dict: `final_eval` (the last eval loss; `inf` if the run diverged), `diverged` (`None` or
         why it stopped), `evals` (`(step, training seconds so far, eval loss)` at step 0, every `eval_every` steps
         and after the last), `train_loss` (per completed step), `step_s` (seconds per step: batch, forward,
-        backward, optimizer), `opt_s` (of the optimizer steps alone), `outlier_steps`, `train_seconds`.
+        backward, optimizer), `opt_s` (of the optimizer steps alone), `outlier_steps`, `train_seconds`;
+        `metrics` when the task's `final_metrics` returns any.
     """
     plan = task.plan
     model = task.build(seed)
@@ -699,7 +706,9 @@ def train_run(
             if not math.isfinite(ev):
                 diverged = f"non-finite eval loss at step {step}"
                 break
+    metrics = task.final_metrics(model) if diverged is None else {}
     return {
+        **({"metrics": metrics} if metrics else {}),
         "final_eval": evals[-1][2] if diverged is None else float("inf"),
         "diverged": diverged,
         "evals": evals,

