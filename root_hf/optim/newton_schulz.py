@@ -9,7 +9,17 @@ import torch
 
 from ..schedules import DEFAULT_SCHEDULE, Schedule, ScheduleSpec, get_schedule
 
-__all__ = ["NS_DTYPES", "NsDtype", "cpu_has_native_bf16", "newton_schulz", "orthogonalize", "resolve_ns_dtype"]
+__all__ = [
+    "NS_DTYPES",
+    "NS_METHODS",
+    "NsDtype",
+    "NsMethod",
+    "cpu_has_native_bf16",
+    "newton_schulz",
+    "orthogonalize",
+    "resolve_ns_dtype",
+    "select_ns_method",
+]
 
 NsDtype = Literal["auto", "float32", "bfloat16", "float16", "float64"] | torch.dtype
 NS_DTYPES: dict[str, torch.dtype] = {
@@ -18,6 +28,10 @@ NS_DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
     "float64": torch.float64,
 }
+
+# Forms of the Newton-Schulz iteration (`ns_method`): "auto" picks one of the other two per shape (`select_ns_method`).
+NS_METHODS: tuple[str, ...] = ("auto", "standard", "gram")
+NsMethod = Literal["auto", "standard", "gram"]
 
 
 def resolve_ns_dtype(ns_dtype: NsDtype, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.dtype:
@@ -74,7 +88,7 @@ def _has_bf16_flag(cpuinfo: str) -> bool:
     return bool(flags & _BF16_CPU_FLAGS)
 
 
-def newton_schulz(x: torch.Tensor, schedule: Schedule) -> torch.Tensor:
+def newton_schulz(x: torch.Tensor, schedule: Schedule, method: str = "standard") -> torch.Tensor:
     """Run the quintic iterations of `schedule` on `x` of shape `(batch, m, n)` or `(m, n)`, normalized.
 
     `x` may be overwritten. Each step is `X <- a X + (b A + c A^2) X` with `A = X X^T`, the Gram matrix on the
@@ -90,12 +104,15 @@ def newton_schulz(x: torch.Tensor, schedule: Schedule) -> torch.Tensor:
     """
     tall = x.shape[-2] > x.shape[-1]
     if tall and (x.dtype in (torch.bfloat16, torch.float16) or x.mT.is_contiguous()):
-        return newton_schulz(x.mT.contiguous(), schedule).mT
+        return newton_schulz(x.mT.contiguous(), schedule, method).mT
     if not schedule:
         return x
     single = x.dim() == 3 and x.shape[0] == 1
     if single:
         x = x[0]
+    if method == "gram":
+        x = _gram_newton_schulz(x, schedule, tall)
+        return x.unsqueeze(0) if single else x
     mm, addmm = (torch.mm, torch.addmm) if x.dim() == 2 else (torch.bmm, torch.baddbmm)
     k = x.shape[-1] if tall else x.shape[-2]
     gram = x.new_empty((*x.shape[:-2], k, k))
@@ -122,6 +139,7 @@ def orthogonalize(
     eps: float = 1e-7,
     ns_dtype: NsDtype = "auto",
     out_dtype: torch.dtype | None = None,
+    ns_method: NsMethod = "auto",
 ) -> torch.Tensor:
     r"""Approximate the polar factor $U V^\top$ of each matrix in `G` by Newton-Schulz iteration.
 
@@ -140,6 +158,8 @@ def orthogonalize(
             `"float32"`, `"bfloat16"`, `"float16"`, `"float64"` or a `torch.dtype`. The norm is always taken
             in float32 or wider.
         out_dtype: dtype of the result (default: `G.dtype`).
+        ns_method: form of the iteration: `"standard"`, `"gram"` (the same steps on the `k x k` Gram matrix) or
+            `"auto"` (default: the cheaper one for the shape, dtype and device, see `select_ns_method`).
 
     Returns:
         Tensor of the shape of `G`. An all-zero matrix returns all zeros.
@@ -159,5 +179,98 @@ def orthogonalize(
     dtype = resolve_ns_dtype(ns_dtype, G.device, norm_dtype)
     norm = torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True, dtype=norm_dtype)
     x = (x.to(norm_dtype) / (norm + eps)).to(dtype)
-    x = newton_schulz(x, schedule)
+    x = newton_schulz(x, schedule, select_ns_method(ns_method, (m, n), len(schedule), dtype, G.device.type))
     return x.to(out_dtype or G.dtype).reshape(G.shape)
+
+
+def gram_flop_ratio(shape: tuple[int, int], steps: int, dtype: torch.dtype) -> float:
+    """Multiply-adds of the Gram form over those of the standard form, for `steps` steps on one `m x n` matrix.
+
+    With `k = min(m, n)`, `K = max(m, n)`, `T` steps and `s` segments (restarts + 1): standard `T (2 k^2 K + k^3)`;
+    Gram `2 s k^2 K + (4 T - 3 s) k^3` (one `X X^T` and one `Q X` per segment; per step `R^2`, and `Q <- P Q` and
+    `R <- P R P` except on the first / last step of a segment). Only the ratio `K / k` and `s` matter.
+    """
+    k, big = min(shape), max(shape)
+    if steps == 0 or k == 0:
+        return 1.0
+    segments = len(gram_restarts(steps, dtype)) + 1
+    gram = 2 * segments * k * k * big + (4 * steps - 3 * segments) * k**3
+    return gram / (steps * (2 * k * k * big + k**3))
+
+
+# `ns_method="auto"`: the Gram form runs when its FLOP ratio (`gram_flop_ratio`) is at most this, by (device type,
+# iteration dtype); else the standard form. Measured (benchmarks/gram.py, docs/benchmarks.md "Gram Newton-Schulz"):
+# PLACEHOLDER
+_GRAM_MAX_FLOP_RATIO: dict[tuple[str, torch.dtype], float] = {}
+_GRAM_DEFAULT_MAX_FLOP_RATIO = 0.8
+# Below this short side the k x k products are too small to keep a core busy and the Gram form's extra kernel calls
+# dominate: measured PLACEHOLDER
+_GRAM_MIN_K = 32
+
+
+@functools.lru_cache(maxsize=4096)
+def select_ns_method(
+    ns_method: NsMethod, shape: tuple[int, int], steps: int, dtype: torch.dtype, device_type: str
+) -> Literal["standard", "gram"]:
+    """The form of the iteration for one matrix shape: `ns_method` itself unless `"auto"`, then the cheaper one.
+
+    The rule is a pure function of the shape, the step count, the iteration dtype and the device type (no timing at
+    run time, so every rank of a job picks the same form): the Gram form when the short side is at least
+    `_GRAM_MIN_K` and its FLOP ratio (`gram_flop_ratio`) is at most the measured threshold of the device and dtype.
+    `ROOT` resolves it when a parameter is added, as the schedules.
+
+    Raises:
+        ValueError: for an `ns_method` outside `NS_METHODS`.
+    """
+    if ns_method not in NS_METHODS:
+        raise ValueError(f"Invalid ns_method: {ns_method!r}. Must be one of {', '.join(NS_METHODS)}.")
+    if ns_method != "auto":
+        return ns_method  # type: ignore[return-value]
+    if steps == 0 or min(shape) < _GRAM_MIN_K:
+        return "standard"
+    limit = _GRAM_MAX_FLOP_RATIO.get((device_type, dtype), _GRAM_DEFAULT_MAX_FLOP_RATIO)
+    return "gram" if gram_flop_ratio(shape, steps, dtype) <= limit else "standard"
+
+
+def gram_restarts(steps: int, dtype: torch.dtype) -> frozenset[int]:
+    """The steps before which the Gram form re-forms `X` and its Gram matrix from scratch (see `newton_schulz`)."""
+    every = _GRAM_RESTART_EVERY.get(dtype, 0)
+    return frozenset(range(every, steps, every)) if every else frozenset()
+
+
+# Restart period of the Gram form by iteration dtype: every this many steps, X = Q X_0 is formed and R = X X^T
+# recomputed. Measured (benchmarks/gram.py --accuracy, docs/benchmarks.md "Gram Newton-Schulz"): PLACEHOLDER
+_GRAM_RESTART_EVERY: dict[torch.dtype, int] = {torch.bfloat16: 2, torch.float16: 2, torch.float32: 0, torch.float64: 0}
+
+
+def _gram_newton_schulz(x: torch.Tensor, schedule: Schedule, tall: bool) -> torch.Tensor:
+    """The Gram form of `newton_schulz`: the same steps, iterated on the small `k x k` Gram matrix.
+
+    With `R_t = X_t X_t^T` and `P_t = a_t I + b_t R_t + c_t R_t^2` (a polynomial in `R_t`, so it commutes with it),
+    the standard step `X_{t+1} = P_t X_t` gives `X_t = Q_t X_s` with `Q_t = P_{t-1} ... P_s` and
+    `R_{t+1} = P_t R_t P_t`: all `k x k` products (`k = min(m, n)`). `X` itself is formed only at a restart and at
+    the end, `X = Q X_s`; a restart also recomputes `R = X X^T`, which drops the rounding error that `Q` and `R`
+    gathered (both grow like the product of the `a_t` in the directions of small singular values). Per step the
+    standard form costs `2 k^2 K + k^3` multiply-adds (`K = max(m, n)`), the Gram form `4 k^3` (3 on the first step
+    of a segment, 1 on the last) plus `2 k^2 K` per segment. A tall `x` (float32 / float64, contiguous) uses
+    `R = X^T X`, `Q <- Q P` and `X = X_s Q`.
+    """
+    mm, addmm = (torch.mm, torch.addmm) if x.dim() == 2 else (torch.bmm, torch.baddbmm)
+    restarts = gram_restarts(len(schedule), x.dtype)
+    last = len(schedule) - 1
+    q = None
+    r = x.mT @ x if tall else x @ x.mT  # R_0
+    for t, (a, b, c) in enumerate(schedule):
+        if t in restarts:
+            x = x @ q if tall else q @ x  # X_t = Q_t X_s
+            q = None
+            r = x.mT @ x if tall else x @ x.mT
+        p = addmm(r, r, r, beta=b, alpha=c)  # b R + c R^2
+        p.diagonal(dim1=-2, dim2=-1).add_(a)  # P_t = a I + b R + c R^2
+        if q is None:
+            q = p  # first step of a segment: Q = P
+        else:
+            q = mm(q, p) if tall else mm(p, q)
+        if t < last and t + 1 not in restarts:
+            r = mm(p, mm(r, p))  # R_{t+1} = P R P
+    return x @ q if tall else q @ x
