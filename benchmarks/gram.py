@@ -45,6 +45,8 @@ ISSUE_SHAPES = [(2048, 8192), (8192, 2048), (576, 1536), (1536, 576), (192, 576)
 LLAMA_32_1B = {"hidden": 2048, "intermediate": 8192, "heads": 32, "kv_heads": 8, "head_dim": 64}
 LLAMA_31_8B = {"hidden": 4096, "intermediate": 14336, "heads": 32, "kv_heads": 8, "head_dim": 128}
 QUICK_SHAPES = [(576, 1536), (1536, 576), (192, 576), (576, 576), (64, 2048), (16, 4096)]
+# Errors need a float64 SVD: taken up to 2^35 multiply-adds per k^2 K product (2048 x 8192), nan above.
+ERROR_LIMIT = 2**35
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -78,22 +80,26 @@ def normalized(g: torch.Tensor) -> torch.Tensor:
     return g / torch.linalg.vector_norm(g, dim=(-2, -1), keepdim=True)
 
 
-def time_shape(shape: tuple[int, int], dtype: torch.dtype, rounds: int, seed: int = 0) -> dict[str, Any]:
+def time_shape(
+    shape: tuple[int, int], dtype: torch.dtype, rounds: int, seed: int = 0, device: str = "cpu"
+) -> dict[str, Any]:
     """Interleaved medians of both forms on one matrix of `shape`, their errors and `auto`'s pick."""
     gen = torch.Generator().manual_seed(seed)
     g = torch.randn(shape, generator=gen, dtype=torch.float32)
-    x0 = normalized(g).to(dtype)
+    x0 = normalized(g).to(device=device, dtype=dtype)
     schedule = get_schedule("adaptive", shape, 5)
     outs: dict[str, torch.Tensor] = {}
 
     def runner(method: str):
         def run() -> None:
             outs[method] = ns.newton_schulz(x0.clone(), schedule, method)
+            if device != "cpu":
+                torch.cuda.synchronize()
 
         return run
 
     medians = interleaved_medians({m: runner(m) for m in ("standard", "gram")}, steps=rounds, warmup=1)
-    polar = polar_factor(g)
+    polar = polar_factor(g.to(device)) if min(shape) ** 2 * max(shape) <= ERROR_LIMIT else None
     return {
         "shape": list(shape),
         "dtype": str(dtype).removeprefix("torch."),
@@ -102,9 +108,10 @@ def time_shape(shape: tuple[int, int], dtype: torch.dtype, rounds: int, seed: in
         "gram_s": medians["gram"],
         "time_ratio": medians["gram"] / medians["standard"],
         "flop_ratio": ns.gram_flop_ratio(shape, 5, dtype),
-        "error_standard": rel_error(outs["standard"], polar),
-        "error_gram": rel_error(outs["gram"], polar),
-        "auto": ns.select_ns_method("auto", shape, 5, dtype, "cpu"),
+        "error_standard": rel_error(outs["standard"], polar) if polar is not None else float("nan"),
+        "error_gram": rel_error(outs["gram"], polar) if polar is not None else float("nan"),
+        "device": device,
+        "auto": ns.select_ns_method("auto", shape, 5, dtype, torch.device(device).type),
     }
 
 
@@ -198,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--accuracy", action="store_true", help="run the restart study instead of the timing")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (timed with torch.cuda.synchronize)")
     parser.add_argument("--save", nargs="?", const=str(RESULTS / "gram.json"), default=None)
     args = parser.parse_args(argv)
     shapes = args.shapes or (QUICK_SHAPES if args.quick else default_shapes())
@@ -219,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(t)
             for dname in args.dtypes:
                 for shape in shapes:
-                    rows.append(time_shape(shape, DTYPES[dname], 3 if args.quick else args.rounds))
+                    rounds = 3 if args.quick else args.rounds
+                    rows.append(time_shape(shape, DTYPES[dname], rounds, device=args.device))
                     print_timing(rows[-1:])
         result["timing"] = rows
     if args.save:
