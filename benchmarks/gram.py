@@ -65,9 +65,11 @@ def default_shapes() -> list[tuple[int, int]]:
 
 
 def polar_factor(g: torch.Tensor) -> torch.Tensor:
-    """The exact polar factor `U V^T` of `g`, in float64."""
-    u, _, vh = torch.linalg.svd(g.double(), full_matrices=False)
-    return u @ vh
+    """The exact polar factor `U_r V_r^T` of `g`, in float64, over its singular values above `1e-10 s_max` (a
+    rank-deficient matrix has no singular directions beyond its rank, and Newton-Schulz keeps them at zero)."""
+    u, s, vh = torch.linalg.svd(g.double(), full_matrices=False)
+    keep = (s > 1e-10 * s.max()).to(s.dtype)
+    return (u * keep) @ vh
 
 
 def rel_error(x: torch.Tensor, polar: torch.Tensor) -> float:
