@@ -88,8 +88,14 @@ def _has_bf16_flag(cpuinfo: str) -> bool:
     return bool(flags & _BF16_CPU_FLAGS)
 
 
-def newton_schulz(x: torch.Tensor, schedule: Schedule, method: str = "standard") -> torch.Tensor:
+def newton_schulz(
+    x: torch.Tensor, schedule: Schedule, method: Literal["standard", "gram"] = "standard"
+) -> torch.Tensor:
     """Run the quintic iterations of `schedule` on `x` of shape `(batch, m, n)` or `(m, n)`, normalized.
+
+    `method="gram"` computes the same map in its Gram form (`_gram_newton_schulz`: on the `k x k` Gram matrix, with
+    restarts in half precision), iterating a tall matrix as its transpose in every dtype; the rest of this docstring
+    describes the standard form.
 
     `x` may be overwritten. Each step is `X <- a X + (b A + c A^2) X` with `A = X X^T`, the Gram matrix on the
     short side. A tall matrix (`m > n`) is iterated as its transpose, the same map, and comes back as a transposed
@@ -199,12 +205,18 @@ def gram_flop_ratio(shape: tuple[int, int], steps: int, dtype: torch.dtype) -> f
 
 
 # `ns_method="auto"`: the Gram form runs when its FLOP ratio (`gram_flop_ratio`) is at most this, by (device type,
-# iteration dtype); else the standard form. Measured (benchmarks/gram.py, docs/benchmarks.md "Gram Newton-Schulz"):
-# PLACEHOLDER
-_GRAM_MAX_FLOP_RATIO: dict[tuple[str, torch.dtype], float] = {}
+# iteration dtype); else the standard form. Measured with `python benchmarks/gram.py` (docs/benchmarks.md "Gram
+# Newton-Schulz"; 2-core Xeon without native bfloat16, shared, load 11-16, interleaved medians): on CPU in float32 at
+# 1 thread the time ratio follows the FLOP ratio within 0.05 (512 x 2048: 0.54 for 0.56 FLOPs; 576 x 1536: 0.68 for
+# 0.71; 192 x 576: 0.67 for 0.66; 576 x 576: 1.31 for 1.27), so the Gram form runs wherever it saves 10% of the
+# FLOPs. Other devices and dtypes (CUDA, CPU bfloat16) keep a margin for the k x k products running below the peak
+# of the k x K ones: 0.8 (DeepSpeed's Gram Muon reports 2.1-2.3x on an A100 for 2048 x 11059, FLOP ratio 0.74 here
+# in bfloat16); `bash benchmarks/gpu_check.sh` prints the CUDA table to measure it.
+_GRAM_MAX_FLOP_RATIO: dict[tuple[str, torch.dtype], float] = {("cpu", torch.float32): 0.9}
 _GRAM_DEFAULT_MAX_FLOP_RATIO = 0.8
-# Below this many multiply-adds per `k^2 K` product, a call is dominated by its fixed per-operation cost, and the
-# Gram form has more operations: measured PLACEHOLDER
+# Below this many multiply-adds per `k^2 K` product a call is dominated by its fixed per-operation cost, and the
+# Gram form has more operations: measured in float32 at 1 thread, 32 x 128 (2^17) ran 1.23x and 4 x 576 1.42x the
+# standard form's time for FLOP ratios of 0.56 and 0.21, while 16 x 4096 (2^20) ran 0.46x.
 _GRAM_MIN_WORK = 2**19
 
 
@@ -216,8 +228,9 @@ def select_ns_method(
 
     The rule is a pure function of the shape, the step count, the iteration dtype and the device type (no timing at
     run time, so every rank of a job picks the same form): the Gram form when one `k^2 K` product is at least
-    `_GRAM_MIN_WORK` multiply-adds and its FLOP ratio (`gram_flop_ratio`) is at most the measured threshold of the device and dtype.
-    `ROOT` resolves it when a parameter is added, as the schedules.
+    `_GRAM_MIN_WORK` multiply-adds and its FLOP ratio (`gram_flop_ratio`) is at most the measured threshold of the
+    device and dtype (`_GRAM_MAX_FLOP_RATIO`; the figures are in its comment and in docs/benchmarks.md). `ROOT`
+    resolves it when a parameter is added, as the schedules.
 
     Raises:
         ValueError: for an `ns_method` outside `NS_METHODS`.
