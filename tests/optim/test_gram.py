@@ -250,3 +250,19 @@ def test_gram_and_standard_steps_agree_in_float64():
         results[method] = ps
     for a, b in zip(results["standard"], results["gram"], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(576, 1536), (1536, 576), (2048, 8192), (512, 512)])
+def test_gram_form_on_cuda_is_as_accurate_as_the_standard_form(shape, dtype):
+    """Both forms on the GPU (cuBLAS, TF32 as configured): the same tolerance and band as on CPU."""
+    g, polar = _polar_case(shape, seed=4)
+    g, polar = g.cuda(), polar.cuda()
+    schedule = get_schedule("adaptive", shape, 5)
+    x0 = (g / torch.linalg.vector_norm(g)).to(dtype)
+    standard = newton_schulz(x0.clone(), schedule, "standard")
+    gram = newton_schulz(x0.clone(), schedule, "gram")
+    factor, atol = TOLERANCE[dtype]
+    assert _error(gram, polar) <= factor * _error(standard, polar) + atol
+    assert _max_singular_value(gram) <= schedule_band(schedule)[1] + SLACK[dtype]
