@@ -4,7 +4,9 @@
 #   2. tests/gpu (bf16 Newton-Schulz vs float64, ROOT steps on CUDA vs CPU float64, a tiny bf16 Trainer run),
 #   3. benchmarks/step_time.py --device cuda: bf16 / fp32 NS error vs the float64 polar factor on the benchmark
 #      shapes, ROOT vs torch.optim.Muon (and the optional peers) step time (torch.cuda.synchronize, medians),
-#      torch.cuda.max_memory_allocated rise of a steady step per optimizer, first-step overhead.
+#      torch.cuda.max_memory_allocated rise of a steady step per optimizer, first-step overhead,
+#   4. tests/optim/test_gram.py -m gpu and benchmarks/gram.py --device cuda: standard vs Gram Newton-Schulz per shape
+#      (accuracy, time; issue 22).
 # Each part has its own time limit; a failing part is reported and the next one runs. Results go to $OUT when it is
 # set (the device tool's output folder), else to benchmarks/results/gpu/.
 # Usage: bash benchmarks/gpu_check.sh            (from anywhere; it cds to the repository root)
@@ -64,6 +66,13 @@ part tests_gpu 140 "$PY" -m pytest tests/gpu -q -rA -p no:cacheprovider -o addop
 
 part step_time_cuda 150 "$PY" benchmarks/step_time.py --device cuda --threads 8 --rounds 10 \
     --sections peers,ns-dtype,temp-memory,first-step --save "$RESULTS/step_time_cuda.json"
+
+# Both Newton-Schulz forms on CUDA (issue 22): standard vs Gram time, FLOP ratio and error per shape, bf16 and fp32,
+# and what ns_method="auto" picks there (the rule's CUDA thresholds come from this table).
+part gram_tests_cuda 60 "$PY" -m pytest tests/optim/test_gram.py -m gpu -q -rA -p no:cacheprovider \
+    -o addopts="--import-mode=importlib"
+part gram_cuda 150 "$PY" benchmarks/gram.py --device cuda --threads 8 --rounds 10 --dtypes bf16 fp32 \
+    --save "$RESULTS/gram_cuda.json"
 
 echo "total $(($(date +%s) - t0)) s" | tee -a "$SUMMARY"
 exit "$failed"

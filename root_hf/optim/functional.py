@@ -27,7 +27,7 @@ from ..schedules import Schedule, ScheduleSpec, get_schedule
 from .clip import soft_threshold_clip_
 from .distributed import local_grad, local_tensor, plan_groups
 from .hyperparams import ADJUST_LR_FNS
-from .newton_schulz import NsDtype, newton_schulz, resolve_ns_dtype
+from .newton_schulz import NsDtype, NsMethod, newton_schulz, resolve_ns_dtype, select_ns_method
 from .views import Block, MatrixView, ParamView, as_batch, param_view
 
 __all__ = ["AdjustLrFn", "adamw", "adjusted_lr_ratio", "root"]
@@ -106,6 +106,8 @@ def root(
     schedules: Mapping[tuple[int, int], Schedule] | None = None,
     diagnostics: dict[str, list[torch.Tensor]] | None = None,
     process_group: Any = None,
+    ns_method: NsMethod = "auto",
+    ns_methods: Mapping[tuple[int, int, int, torch.dtype, str], str] | None = None,
 ) -> None:
     r"""One ROOT step on matrix params, in place (functional API; `ROOT` documents the algorithm).
 
@@ -139,6 +141,10 @@ def root(
             split, each matrix clipped and orthogonalized by one rank, results all-gathered (only correct when the
             gradients are identical on all ranks). `DTensor` params (FSDP2, HSDP, TP, FSDP + TP) always use their
             mesh (`root_hf.optim.distributed`); a group may mix them with plain tensors, each planned on its own.
+        ns_method: form of the iteration, `"standard"`, `"gram"` or `"auto"` (see
+            `root_hf.optim.newton_schulz.select_ns_method`).
+        ns_methods: the forms `"auto"` picked, by `(m, n, ns_steps, NS dtype, device type)` (`ROOT` passes those it
+            resolved when the params were added); a key missing here is resolved through `select_ns_method`'s cache.
 
     Raises:
         ValueError: for a param with fewer than 2 dims.
@@ -160,6 +166,8 @@ def root(
         adjust_lr_fn=adjust_lr_fn,
         diagnostics=diagnostics,
         schedules=schedules or {},
+        ns_method=ns_method,
+        ns_methods=ns_methods or {},
     )
     step = functools.partial(
         _Step, momentum=momentum, nesterov=nesterov, ortho=ortho, lr=lr, adjust_lr_fn=adjust_lr_fn
@@ -336,10 +344,13 @@ class _Orthogonalizer:
         adjust_lr_fn: AdjustLrFn,
         diagnostics: dict[str, list[torch.Tensor]] | None,
         schedules: Mapping[tuple[int, int], Schedule],
+        ns_method: NsMethod = "standard",
+        ns_methods: Mapping[tuple[int, int, int, torch.dtype, str], str] | None = None,
     ) -> None:
         self.clip_quantile, self.ns_steps, self.ns_coefficients = clip_quantile, ns_steps, ns_coefficients
         self.eps, self.ns_dtype, self.lr, self.adjust_lr_fn = eps, ns_dtype, lr, adjust_lr_fn
         self.diagnostics, self.schedules = diagnostics, schedules
+        self.ns_method, self.ns_methods = ns_method, ns_methods or {}
 
     def __call__(self, u: torch.Tensor) -> torch.Tensor:
         return self.iterate(self.prepare(u), tuple(u.shape[-2:]))
@@ -380,7 +391,11 @@ class _Orthogonalizer:
             if schedule is None:
                 schedule = get_schedule(self.ns_coefficients, (m, n), self.ns_steps)
             transposed = x.shape[-2:] != (m, n)
-            x = newton_schulz(x, schedule)
+            method = self.ns_method
+            if method == "auto":
+                key = (m, n, self.ns_steps, x.dtype, x.device.type)
+                method = self.ns_methods.get(key) or select_ns_method("auto", (m, n), *key[2:])
+            x = newton_schulz(x, schedule, method)
             if transposed:
                 x = x.mT
         if self.diagnostics is not None:

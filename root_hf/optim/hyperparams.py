@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from ..schedules import DEFAULT_SCHEDULE, SAFE_BAND, SCHEDULE_NAMES, get_schedule, normalize_schedule_spec
-from .newton_schulz import NS_DTYPES
+from .newton_schulz import NS_DTYPES, NS_METHODS
 from .views import MATRIX_VIEWS, normalize_matrix_split, normalize_matrix_view
 
 __all__ = [
@@ -288,6 +288,15 @@ HYPERPARAMS: dict[str, Hyperparam] = {
             f"one of auto, {', '.join(NS_DTYPES)} or that torch.dtype",
             "dtype of the Newton-Schulz iteration (auto: bfloat16 on CUDA and on CPUs with native bfloat16 matmul, "
             "else float32)",
+        ),
+        Hyperparam(
+            "ns_method",
+            "auto",
+            _choice(NS_METHODS),
+            _text_choice(NS_METHODS),
+            f"one of {_names(NS_METHODS)}",
+            "form of the Newton-Schulz iteration: standard, gram (on the k x k Gram matrix, k = min(m, n)) or auto "
+            "(per matrix shape and dtype, the one the measured cost rule picks)",
         ),
         Hyperparam("betas", (0.9, 0.95), _betas, None, "two floats in [0, 1)", "AdamW branch (beta1, beta2)"),
         Hyperparam("adamw_eps", 1e-8, _NONNEG, _text_number(_NONNEG), "a finite float >= 0", "AdamW branch epsilon"),

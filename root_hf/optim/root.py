@@ -27,7 +27,7 @@ from .hyperparams import (
     check_process_group,
     validate_group,
 )
-from .newton_schulz import NsDtype
+from .newton_schulz import NsDtype, NsMethod, resolve_ns_dtype, select_ns_method
 from .views import param_view
 
 __all__ = ["ROOT"]
@@ -46,6 +46,7 @@ _ROOT_KEYS = (
     "eps",
     "adjust_lr_fn",
     "ns_dtype",
+    "ns_method",
     "matrix_view",
     "matrix_split",
 )
@@ -149,6 +150,9 @@ class ROOT(Optimizer):
             `"float64"`.
         betas: AdamW branch $(\beta_1, \beta_2)$.
         adamw_eps: AdamW branch epsilon.
+        ns_method: form of the Newton-Schulz iteration: `"standard"`, `"gram"` (the same steps run on the
+            $k \times k$ Gram matrix, $k = \min(m, n)$: fewer FLOPs on rectangular matrices) or `"auto"` (per matrix
+            shape and dtype, the cheaper one by a measured rule: `root_hf.optim.newton_schulz.select_ns_method`).
         nonfinite_grads: what a step does when a gradient holds inf or NaN: `"raise"` a `FloatingPointError`, `"skip"`
             the whole step with a warning (nothing changes), or `"ignore"` (no check, saves one device sync per step).
         process_group: DDP work split. None: off, every rank computes everything (always correct). `"default"`
@@ -198,6 +202,7 @@ class ROOT(Optimizer):
         ns_dtype: NsDtype = DEFAULTS["ns_dtype"],
         betas: tuple[float, float] = DEFAULTS["betas"],
         adamw_eps: float = DEFAULTS["adamw_eps"],
+        ns_method: NsMethod = DEFAULTS["ns_method"],
         *,
         nonfinite_grads: NonfiniteGrads = HYPERPARAMS["nonfinite_grads"].default,
         process_group: Any = HYPERPARAMS["process_group"].default,
@@ -211,6 +216,9 @@ class ROOT(Optimizer):
         self.last_diagnostics: dict[str, float] = {}
         # Resolved Newton-Schulz schedules: (spec, ns_steps) -> {(m, n): schedule}; filled when params are added.
         self._schedules: dict[tuple[Any, int], dict[tuple[int, int], Schedule]] = {}
+        # Forms picked by ns_method="auto": (m, n, ns_steps, NS dtype, device type) -> "standard" | "gram"; filled
+        # when params are added (the functional step falls back on select_ns_method's cache for a missing key).
+        self._ns_methods: dict[tuple[int, int, int, torch.dtype, str], str] = {}
         # ndim of every param when its group was added, by position: a use_root=None group keeps each param's branch
         # even if a framework later swaps in flattened 1-D shards (FSDP1, ZeRO), which must raise, not fall to AdamW.
         self._added_ndims: list[list[int]] = []
@@ -228,6 +236,7 @@ class ROOT(Optimizer):
             ns_dtype=ns_dtype,
             betas=betas,
             adamw_eps=adamw_eps,
+            ns_method=ns_method,
         )
         validate_group(defaults)
         super().__init__(params, defaults)
@@ -236,7 +245,7 @@ class ROOT(Optimizer):
 
     def _check_params(self, group: dict[str, Any], params: list[torch.Tensor], group_index: int) -> dict:
         """Per-parameter checks of a (validated) group; returns the schedules its ROOT matrices need."""
-        needed: dict[tuple[Any, int], dict[tuple[int, int], Schedule]] = defaultdict(dict)
+        needed: dict[Any, dict[Any, Any]] = defaultdict(dict)
         key = (group["ns_coefficients"], group["ns_steps"])
         for i, p in enumerate(params):
             if not _on_root(group, p):
@@ -247,14 +256,21 @@ class ROOT(Optimizer):
                 view = param_view(p.shape, group["matrix_view"], group["matrix_split"])
             except ValueError as e:
                 raise ValueError(f"Parameter {_param_label(group, i, group_index)}: {e}") from None
+            ns_dtype = resolve_ns_dtype(group["ns_dtype"], p.device, _state_dtype(p))
             for block in view.blocks:
                 shape = block.shape
                 if key[1] > 0 and shape not in self._schedules.get(key, {}) and min(shape) > 0:
                     needed[key][shape] = get_schedule(key[0], shape, key[1])
+                if group["ns_method"] == "auto" and key[1] > 0:
+                    method_key = (*shape, key[1], ns_dtype, p.device.type)
+                    needed["ns_methods"][method_key] = select_ns_method("auto", shape, key[1], ns_dtype, p.device.type)
         return needed
 
-    def _commit_schedules(self, needed: dict[tuple[Any, int], dict[tuple[int, int], Schedule]]) -> None:
+    def _commit_schedules(self, needed: dict[Any, dict[Any, Any]]) -> None:
         for key, by_shape in needed.items():
+            if key == "ns_methods":
+                self._ns_methods.update(by_shape)
+                continue
             self._schedules.setdefault(key, {}).update(by_shape)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -319,6 +335,7 @@ class ROOT(Optimizer):
         self.__dict__.setdefault("collect_diagnostics", False)
         self.__dict__.setdefault("last_diagnostics", {})
         self.__dict__.setdefault("_schedules", {})
+        self.__dict__.setdefault("_ns_methods", {})
         if "_added_ndims" not in self.__dict__:
             self._added_ndims = [[p.dim() for p in g["params"]] for g in self.param_groups]
 
@@ -374,7 +391,7 @@ class ROOT(Optimizer):
         id_map = self._id_map(sd)
         if not id_map:
             return {}
-        needed: dict[tuple[Any, int], dict[tuple[int, int], Schedule]] = defaultdict(dict)
+        needed: dict[Any, dict[Any, Any]] = defaultdict(dict)
         for gi, (saved, group) in enumerate(zip(sd["param_groups"], self.param_groups, strict=True)):
             trial = {**self.defaults, **{k: v for k, v in saved.items() if k != "params"}}
             try:
@@ -537,6 +554,7 @@ class ROOT(Optimizer):
                     lr=group["lr"],
                     weight_decay=group["weight_decay"],
                     schedules=self._schedules.get((group["ns_coefficients"], group["ns_steps"])),
+                    ns_methods=self._ns_methods,
                     diagnostics=diag["root"] if collect else None,
                     process_group=self.process_group,
                 )

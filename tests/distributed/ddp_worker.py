@@ -77,9 +77,9 @@ def main() -> None:
     counted = {"matrices": 0}
     original = root_module.newton_schulz
 
-    def counting(x, schedule):
+    def counting(x, schedule, *args):  # *args: the form (ns_method), root_hf issue 22
         counted["matrices"] += x.shape[0]
-        return original(x, schedule)
+        return original(x, schedule, *args)
 
     root_module.newton_schulz = counting
     model = torch.nn.parallel.DistributedDataParallel(build(mode))
