@@ -86,9 +86,12 @@ def _check_new_params(
                 "tensors only (float16, bfloat16, float32, float64); leave it out of the optimizer."
             )
         if id(p) in seen:
+            # torch.optim's own wording for the cross-group case, which its generic test suite matches
+            across = seen[id(p)][2] != group_index
+            where = " (some parameters appear in more than one parameter group)" if across else ""
             raise ValueError(
                 f"Parameter {_param_label(new, i, group_index)} is the same tensor as parameter "
-                f"{_param_label(*seen[id(p)])}: pass each parameter once, in one param group."
+                f"{_param_label(*seen[id(p)])}{where}: pass each parameter once, in one param group."
             )
         seen[id(p)] = (new, i, group_index)
 
