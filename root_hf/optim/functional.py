@@ -255,13 +255,20 @@ def _by_dtype(tensors: list[torch.Tensor], *others: list[torch.Tensor]) -> Itera
         yield tuple([lst[i] for i in idx] for lst in (tensors, *others))
 
 
+def _select(keep: torch.Tensor, value: float, other: float, dtype: torch.dtype) -> torch.Tensor:
+    """`where(keep, value, other)` as a 0-d tensor of `dtype` (at least float32) on `keep`'s device.
+
+    `torch.full` is a fill kernel (no host-to-device copy); the float32-or-wider dtype keeps the scalar as exact as a
+    Python float would be: a 0-d float32 factor times a bfloat16 tensor is computed in float32.
+    """
+    dtype = torch.promote_types(dtype, torch.float32)
+    return torch.where(keep, torch.full((), value, dtype=dtype, device=keep.device), other)
+
+
 def _foreach_scale_(tensors: list[torch.Tensor], factor: float, keep: torch.Tensor | None) -> None:
     """`t *= factor` for every tensor, or `t *= where(keep, factor, 1)` (exactly `t` when `keep` is False)."""
-    if keep is not None:
-        # a 0-d float32 factor: the product is computed in float32 also for bfloat16 tensors, as with a Python float
-        factor = torch.where(keep, factor, 1.0)  # type: ignore[assignment]
     for (group,) in _by_dtype(tensors):
-        torch._foreach_mul_(group, factor)
+        torch._foreach_mul_(group, factor if keep is None else _select(keep, factor, 1.0, group[0].dtype))
 
 
 def _momentum_(buf: torch.Tensor, g: torch.Tensor, momentum: float, keep: torch.Tensor | None = None) -> None:
@@ -665,12 +672,17 @@ def adamw(
             torch._foreach_lerp_(m, g, 1 - beta1)
             torch._foreach_mul_(v, beta2)
         else:  # a skipped step: weight 0 and factor 1 leave m and v bit for bit (g is 0 there)
-            torch._foreach_lerp_(m, g, [torch.where(keep, 1 - beta1, 0.0)] * len(m))
-            torch._foreach_mul_(v, torch.where(keep, beta2, 1.0))
+            torch._foreach_lerp_(m, g, [_select(keep, 1 - beta1, 0.0, m[0].dtype)] * len(m))
+            torch._foreach_mul_(v, _select(keep, beta2, 1.0, v[0].dtype))
         torch._foreach_addcmul_(v, g, g, value=1 - beta2)
+        if lr == 0:  # nothing to add (and no division by lr below)
+            _finish_adamw(p, w, before, half, diagnostics)
+            continue
         # W += m / ((sqrt(v) / sqrt(bc2) + eps) / s) with s = -lr / bc1, as sqrt(v) * a + b: 4 passes, as torch's
         # foreach AdamW; a and b are 0-d tensors from t (at least 1: a skipped first step divides by no zero).
         t = torch._foreach_maximum(steps, 1.0)
+        if dtype == torch.float64:
+            t = [x.double() for x in t]  # float64 params: float64 bias corrections
         bc1 = torch._foreach_pow(beta1, t)
         torch._foreach_sub_(bc1, 1.0)  # beta1^t - 1 = -(1 - beta1^t)
         bc2 = torch._foreach_pow(beta2, t)
@@ -687,8 +699,19 @@ def adamw(
         torch._foreach_mul_(denom, a)
         torch._foreach_add_(denom, b)
         torch._foreach_addcdiv_(w, m, denom)
-        if before is not None and diagnostics is not None:
-            for after, prev in zip(w, before, strict=True):
-                diagnostics["update_rms"].append((after - prev).float().square().mean().sqrt().reshape(1))
-        if half:
-            torch._foreach_copy_(p, w)
+        _finish_adamw(p, w, before, half, diagnostics)
+
+
+def _finish_adamw(
+    p: list[torch.Tensor],
+    w: list[torch.Tensor],
+    before: list[torch.Tensor] | None,
+    half: bool,
+    diagnostics: dict[str, list[torch.Tensor]] | None,
+) -> None:
+    """The update RMS diagnostics, and the float32 work copies of half-precision params rounded back into them."""
+    if before is not None and diagnostics is not None:
+        for after, prev in zip(w, before, strict=True):
+            diagnostics["update_rms"].append((after - prev).float().square().mean().sqrt().reshape(1))
+    if half:
+        torch._foreach_copy_(p, w)

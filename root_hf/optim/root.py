@@ -207,8 +207,11 @@ class ROOT(Optimizer):
         # ndim of every param when its group was added, by the param itself (not its position: deleting a group must
         # not move a matrix to AdamW): a use_root=None group keeps each param's branch even if a framework later swaps
         # in flattened 1-D shards (FSDP1, ZeRO), which must raise, not fall to AdamW.
-        # id(param) -> (weak reference to it, ndim); a weak-keyed dict would compare tensors with `==`.
+        # id(param) -> (weak reference to it, ndim); a weak-keyed dict would compare tensors with `==`. A tensor
+        # swapped in later (a flat shard) is unknown there and takes the ndim recorded at its position in its group:
+        # id(group) -> (group, ndims).
         self._added_ndims: dict[int, tuple[weakref.ref, int]] = {}
+        self._group_ndims: dict[int, tuple[dict[str, Any], list[int]]] = {}
         self._init_nonfinite_report()
         defaults = dict(
             DEFAULTS,
@@ -281,8 +284,7 @@ class ROOT(Optimizer):
         super().add_param_group(param_group)
         validate_group(self.param_groups[-1])  # normalizes in place; cannot fail after the trial above
         self._commit_schedules(needed)
-        for p in self.param_groups[-1]["params"]:
-            self._remember_ndim(p, p.dim())
+        self._remember_group(self.param_groups[-1], [p.dim() for p in self.param_groups[-1]["params"]])
 
     # -- pickling ----------------------------------------------------------------------------------------------------
 
@@ -301,7 +303,9 @@ class ROOT(Optimizer):
             process_group=group,
             collect_diagnostics=self.collect_diagnostics,
             _schedules=self._schedules,
-            _added_ndims=[[self._added_ndim(p) or p.dim() for p in g["params"]] for g in self.param_groups],
+            _added_ndims=[
+                [self._added_ndim(g, i, p) or p.dim() for i, p in enumerate(g["params"])] for g in self.param_groups
+            ],
         )
         return state
 
@@ -312,20 +316,34 @@ class ROOT(Optimizer):
         self.__dict__.setdefault("collect_diagnostics", False)
         self.__dict__.setdefault("last_diagnostics", {})
         self.__dict__.setdefault("_schedules", {})
-        ndims = self.__dict__.pop("_added_ndims", None)  # saved by position (see __getstate__)
-        self._added_ndims = {}
-        for gi, g in enumerate(self.param_groups):
-            saved = ndims[gi] if ndims is not None and gi < len(ndims) else []
-            for i, p in enumerate(g["params"]):
-                self._remember_ndim(p, saved[i] if i < len(saved) else p.dim())
+        ndims = self.__dict__.get("_added_ndims")
+        if isinstance(ndims, dict):  # load_state_dict: new group dicts, the same params at the same positions
+            self._group_ndims = {}
+            for g in self.param_groups:
+                self._remember_group(g, [self._added_ndim(None, 0, p) or p.dim() for p in g["params"]])
+        else:  # unpickled: saved by position (see __getstate__), or absent (older pickles)
+            self._added_ndims, self._group_ndims = {}, {}
+            for gi, g in enumerate(self.param_groups):
+                saved = ndims[gi] if ndims is not None and gi < len(ndims) else []
+                self._remember_group(g, [saved[i] if i < len(saved) else p.dim() for i, p in enumerate(g["params"])])
+        if "_nonfinite_seen" not in self.__dict__:
+            self._init_nonfinite_report()
 
-    def _remember_ndim(self, p: torch.Tensor, ndim: int) -> None:
-        self._added_ndims[id(p)] = (weakref.ref(p), ndim)
+    def _remember_group(self, group: dict[str, Any], ndims: list[int]) -> None:
+        self._group_ndims[id(group)] = (group, list(ndims))
+        for p, ndim in zip(group["params"], ndims, strict=True):
+            self._added_ndims[id(p)] = (weakref.ref(p), ndim)
 
-    def _added_ndim(self, p: torch.Tensor) -> int | None:
-        """ndim of `p` when its group was added (None if unknown)."""
+    def _added_ndim(self, group: dict[str, Any] | None, index: int, p: torch.Tensor) -> int | None:
+        """ndim of `p` when its group was added; for a tensor swapped in since, the ndim recorded at its position in
+        `group`; None if unknown."""
         entry = self._added_ndims.get(id(p))
-        return entry[1] if entry is not None and entry[0]() is p else None
+        if entry is not None and entry[0]() is p:
+            return entry[1]
+        by_group = self._group_ndims.get(id(group)) if group is not None else None
+        if by_group is not None and by_group[0] is group and index < len(by_group[1]):
+            return by_group[1][index]
+        return None
         self._init_nonfinite_report()
 
     # -- loading -----------------------------------------------------------------------------------------------------
@@ -435,7 +453,12 @@ class ROOT(Optimizer):
     def distributed_strategy(self) -> str:
         """How the ROOT branch runs: `"single"` (every rank computes everything), `"ddp"` (owner split over
         `process_group`) or `"fsdp2"` (DTensor params: whole matrices gathered to owner ranks over their mesh)."""
-        params = [p for g in self.param_groups for p in g["params"] if _on_root(g, p, self._added_ndim(p))]
+        params = [
+            p
+            for g in self.param_groups
+            for i, p in enumerate(g["params"])
+            if _on_root(g, p, self._added_ndim(g, i, p))
+        ]
         return plan_for(params, self.process_group).mode
 
     def _found_inf(self, with_grad: list[torch.Tensor]) -> torch.Tensor | None:
@@ -571,12 +594,12 @@ class ROOT(Optimizer):
         for group in self.param_groups:
             on_root: list[torch.Tensor] = []
             on_adamw: list[torch.Tensor] = []
-            for p in group["params"]:
+            for i, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse or torch.is_complex(p):
                     raise ValueError("ROOT does not support sparse gradients or complex parameters.")
-                (on_root if _on_root(group, p, self._added_ndim(p)) else on_adamw).append(p)
+                (on_root if _on_root(group, p, self._added_ndim(group, i, p)) else on_adamw).append(p)
             plans.append((group, on_root, on_adamw))
         found_inf = self._found_inf([p for _, r, a in plans for p in (*r, *a)]) if check else None
         collect = self.collect_diagnostics
