@@ -491,6 +491,10 @@ class ROOT(Optimizer):
 
     # -- non-finite report: the device's flag reaches the host without the host waiting for it -------------------
 
+    # Where the flag lives on the CPU, the step reads it at once and skips the work of a non-finite step; True runs the
+    # accelerator path there too (the step gated on the device, reported from host memory): the tests use it.
+    _gate_on_device = False
+
     def _init_nonfinite_report(self) -> None:
         self._nonfinite_total: torch.Tensor | None = None  # skipped steps so far, on the device
         self._nonfinite_tensor: torch.Tensor | None = None  # the (pinned) host copy of that count
@@ -513,13 +517,14 @@ class ROOT(Optimizer):
             self._nonfinite_event = torch.cuda.Event()
             self._nonfinite_event.record()
 
-    def _report_nonfinite(self, stacklevel: int = 3) -> None:
-        """Raise or warn for the skipped steps the host knows of; never waits: a copy still under way is read later."""
+    def _report_nonfinite(self, stacklevel: int = 3) -> bool:
+        """Raise or warn for the skipped steps the host knows of; never waits: a copy still under way is read later.
+        Returns True if there were any (mode "skip")."""
         if self._nonfinite_host is None or (self._nonfinite_event is not None and not self._nonfinite_event.query()):
-            return
+            return False
         total = int(self._nonfinite_host[0])
         if total <= self._nonfinite_seen:
-            return
+            return False
         new, self._nonfinite_seen = total - self._nonfinite_seen, total
         if self.nonfinite_grads == "raise":
             raise FloatingPointError(
@@ -532,6 +537,7 @@ class ROOT(Optimizer):
             warnings.warn(
                 f"ROOT skipped {new} step(s) with a non-finite gradient; nothing was changed.", stacklevel=stacklevel
             )
+        return True
 
     def _root_state(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
         bufs = []
@@ -602,6 +608,13 @@ class ROOT(Optimizer):
                 (on_root if _on_root(group, p, self._added_ndim(group, i, p)) else on_adamw).append(p)
             plans.append((group, on_root, on_adamw))
         found_inf = self._found_inf([p for _, r, a in plans for p in (*r, *a)]) if check else None
+        if found_inf is not None and found_inf.device.type == "cpu" and not self._gate_on_device:
+            # CPU params: the host is the device, the flag is known at once and free to read (from host memory):
+            # a non-finite step returns before any work, and a finite one runs ungated (no selects).
+            self._record_nonfinite(found_inf)
+            if self._report_nonfinite():
+                return loss  # "skip" (warned); "raise" has raised
+            found_inf = None
         collect = self.collect_diagnostics
         diag: dict[str, dict[str, list[torch.Tensor]]] = {"root": defaultdict(list), "adamw": defaultdict(list)}
         root_params: list[torch.Tensor] = []
@@ -639,7 +652,7 @@ class ROOT(Optimizer):
                 )
         if found_inf is not None:
             self._record_nonfinite(found_inf)
-            self._report_nonfinite()  # at once where the copy is complete (CPU); else at a later step
+            self._report_nonfinite()  # at once where the copy is complete; else at a later step
         if collect:
             self.last_diagnostics = self._summarize(diag, root_params)
         return loss

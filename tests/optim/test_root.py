@@ -204,13 +204,20 @@ def _assert_state_equal(opt, snapshot):
             assert_equal(v, snapshot[id(p)][k])
 
 
+# "device": the accelerator path (the step gated on the device, no host sync), forced on the CPU; "host": the CPU path
+# (the flag read from host memory at once, the step returns before any work).
+GATES = pytest.mark.parametrize("gate", ["device", "host"])
+
+
+@GATES
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("nesterov", [True, False])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_nonfinite_grad_raises_and_changes_no_param_and_no_state(bad, nesterov, dtype):
-    """The step is gated on the device (no host sync): params, momentum, moments and step counts keep their bits."""
+def test_nonfinite_grad_raises_and_changes_no_param_and_no_state(bad, nesterov, dtype, gate):
+    """Params, momentum, moments and step counts keep their bits."""
     params = _random_params([(6, 4), (3, 2, 2), (5,)], dtype=dtype)
     opt = ROOT(params, lr=0.1, weight_decay=0.1, nesterov=nesterov)
+    opt._gate_on_device = gate == "device"
     for _ in range(2):
         for p in params:
             p.grad = torch.randn_like(p)
@@ -227,10 +234,12 @@ def test_nonfinite_grad_raises_and_changes_no_param_and_no_state(bad, nesterov, 
     _assert_state_equal(opt, state)
 
 
-def test_nonfinite_grad_on_the_first_step_leaves_fresh_state():
+@GATES
+def test_nonfinite_grad_on_the_first_step_leaves_fresh_state(gate):
     params = _random_params([(6, 4), (5,)], dtype=torch.float32)
     before = [p.detach().clone() for p in params]
     opt = ROOT(params, lr=0.1)
+    opt._gate_on_device = gate == "device"
     for p in params:
         p.grad = torch.randn_like(p)
     params[1].grad[2] = float("nan")
@@ -238,7 +247,7 @@ def test_nonfinite_grad_on_the_first_step_leaves_fresh_state():
         opt.step()
     for p, b in zip(params, before, strict=True):
         assert_equal(p, b)
-    for st in opt.state.values():  # created by the gated step, still at their initial values
+    for st in opt.state.values():  # none (host), or created by the gated step at their initial values (device)
         assert all(bool((v == 0).all()) for v in st.values())
 
 
@@ -252,11 +261,13 @@ def test_nonfinite_grad_skip_mode_skips_the_step_with_a_warning():
     assert_equal(params[0], before)
 
 
-def test_skipped_step_is_invisible_to_the_next_steps():
+@GATES
+def test_skipped_step_is_invisible_to_the_next_steps(gate):
     """skip mode: a run with a non-finite step in the middle equals the same run without that step, bitwise."""
     params = _random_params([(6, 4), (8, 8), (5,)], dtype=torch.float32)
     twin = clone_params(params)
     opt, ref = ROOT(params, lr=0.05, nonfinite_grads="skip"), ROOT(twin, lr=0.05, nonfinite_grads="skip")
+    opt._gate_on_device = ref._gate_on_device = gate == "device"
     gen = torch.Generator().manual_seed(3)
     for k in range(4):
         grads = [torch.randn(p.shape, generator=gen) for p in params]

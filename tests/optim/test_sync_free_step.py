@@ -84,13 +84,20 @@ def _grads(groups: list[dict], step: int, nonfinite: bool = False) -> None:
         groups[0]["params"][0].grad.view(-1)[0] = float("nan")
 
 
+# "device": the accelerator path of the non-finite check (the step gated on the device), forced on the CPU; "host":
+# the CPU path (the flag read from host memory at once). Neither may sync.
+GATES = pytest.mark.parametrize("gate", ["device", "host"])
+
+
+@GATES
 @pytest.mark.parametrize("model", list(MODELS))
 @pytest.mark.parametrize("mode", ["raise", "skip", "ignore"])
-def test_steady_step_makes_no_host_sync(model: str, mode: str) -> None:
+def test_steady_step_makes_no_host_sync(model: str, mode: str, gate: str) -> None:
     groups = MODELS[model]()
     # fixed coefficients: the adaptive schedules are fitted when params are added (slow on first use), not in step()
     opt = ROOT(groups, lr=0.01, weight_decay=0.1, nonfinite_grads=mode, ns_coefficients="muon")
     assert opt.collect_diagnostics is False
+    opt._gate_on_device = gate == "device"
     _grads(groups, 0)
     opt.step()  # the first step may allocate state and the host copy of the non-finite count
     for step in (1, 2):
@@ -100,11 +107,14 @@ def test_steady_step_makes_no_host_sync(model: str, mode: str) -> None:
         assert syncs.calls == [], syncs.report()
 
 
+@GATES
 @pytest.mark.parametrize("nesterov", [True, False])
-def test_a_skipped_step_makes_no_host_sync(nesterov: bool) -> None:
-    """skip mode: the non-finite step is gated on the device and reported from host memory, without a sync."""
+def test_a_skipped_step_makes_no_host_sync(nesterov: bool, gate: str) -> None:
+    """skip mode: the non-finite step is skipped (on the device, or before any work on the host) and reported from
+    host memory, without a sync."""
     groups = _experts() + _big()
     opt = ROOT(groups, lr=0.01, nonfinite_grads="skip", nesterov=nesterov, ns_coefficients="muon")
+    opt._gate_on_device = gate == "device"
     _grads(groups, 0)
     opt.step()
     _grads(groups, 1, nonfinite=True)
