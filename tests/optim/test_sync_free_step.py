@@ -77,7 +77,7 @@ def _grads(groups: list[dict], step: int, nonfinite: bool = False) -> None:
     gen = torch.Generator().manual_seed(step)
     for group in groups:
         for p in group["params"]:
-            p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+            p.grad = torch.randn(p.shape, generator=gen).to(device=p.device, dtype=p.dtype)
     if groups[0]["params"][0].numel() > QUANTILE_SAMPLE_SIZE:
         groups[0]["params"][-1].grad.zero_()  # an all-zero matrix in a sampled batch
     if nonfinite:
