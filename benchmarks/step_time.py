@@ -24,6 +24,8 @@ Sections (all by default):
 - ``elementwise`` (ask for it): ROOT's step outside Newton-Schulz (clip off, ``newton_schulz`` replaced by the
   identity: momentum, U_t, normalization, casts, weight decay, update, the AdamW branch of the vectors and the
   non-finite check) now and at ``--before-ref``, interleaved in one process.
+- ``compile`` (ask for it): ``torch.compile`` of the elementwise functions of the step (the AdamW branch and the
+  momentum / Nesterov / weight-decay update of the matrices) against eager: compile time and step time.
 
 ``--save`` writes every figure as JSON (default ``benchmarks/results/step_time.json``), which
 ``benchmarks/convergence.py`` puts on the results page. Wall-clock figures on a shared machine are noisy; medians.
@@ -67,7 +69,7 @@ from root_hf.schedules import DEFAULT_SCHEDULE
 
 SECTIONS = (
     "main", "breakdown", "sweep", "memory", "peers", "ns-dtype", "temp-memory", "first-step", "batch-cap", "e2e",
-    "adamw-foreach", "elementwise",
+    "adamw-foreach", "elementwise", "compile",
 )  # fmt: skip
 # what convergence.py's results page reads (collect()'s default); the CLI default adds the issue 16 sections
 LEGACY_SECTIONS = ("main", "breakdown", "sweep", "memory")
@@ -1151,6 +1153,62 @@ def run_elementwise(rounds: int, device: str, before_ref: str) -> dict[str, Any]
     return out
 
 
+def _momentum_update(params, grads, bufs, lr: float, wd: float, mu: float) -> None:
+    """The matrices' elementwise work of a step with NS = identity: W (1 - lr wd), M = mu M + G, W -= lr (G + mu M)."""
+    torch._foreach_mul_(params, 1 - lr * wd)
+    for buf, g in zip(bufs, grads, strict=True):
+        torch.add(g, buf, alpha=mu, out=buf)
+    for p, buf, g in zip(params, bufs, grads, strict=True):
+        p.add_(torch.add(g, buf, alpha=mu), alpha=-lr)
+
+
+def run_compile(rounds: int, device: str) -> dict[str, Any]:
+    """Eager vs `torch.compile` (inductor) of the elementwise step functions: compile time, interleaved medians."""
+    print("\n== compile: torch.compile of the elementwise part of the step vs eager (medians) ==")
+    out: dict[str, Any] = {}
+    matrices = make_params(6, device)
+    vectors = adamw_param_sets(device)["600 vectors of 576"]
+    cases: dict[str, tuple[Callable[..., None], Callable[[], tuple]]] = {}
+
+    def adamw_args(params: list[torch.nn.Parameter]) -> Callable[[], tuple]:
+        own = _clone_with_grads(params)
+        state = (
+            [torch.zeros_like(p) for p in own],
+            [torch.zeros_like(p) for p in own],
+            [torch.zeros((), device=p.device) for p in own],
+        )
+        return lambda: ([p.data for p in own], [p.grad for p in own], *state)
+
+    def momentum_args(params: list[torch.nn.Parameter]) -> Callable[[], tuple]:
+        own = _clone_with_grads(params)
+        bufs = [torch.zeros_like(p) for p in own]
+        return lambda: ([p.data for p in own], [p.grad for p in own], bufs)
+
+    kw_adamw = {"lr": 1e-3, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "weight_decay": 0.1}
+    cases["AdamW branch, 6 SmolLM2 layers"] = (lambda *a: root_functional.adamw(*a, **kw_adamw), adamw_args(matrices))
+    cases["AdamW branch, 600 vectors"] = (lambda *a: root_functional.adamw(*a, **kw_adamw), adamw_args(vectors))
+    cases["momentum + update, 6 SmolLM2 layers"] = (
+        lambda *a: _momentum_update(*a, lr=1e-3, wd=0.1, mu=0.95),
+        momentum_args(matrices),
+    )
+    for name, (fn, args) in cases.items():
+        compiled = torch.compile(fn, dynamic=False)
+        start = time.perf_counter()
+        compiled(*args())
+        _sync(device)
+        compile_s = time.perf_counter() - start
+        fns = {"eager": lambda fn=fn, args=args: fn(*args()), "compiled": lambda c=compiled, args=args: c(*args())}
+        ms = {k: v * 1e3 for k, v in interleaved_medians(fns, rounds).items()}
+        saved = ms["eager"] - ms["compiled"]
+        verdict = f"pays back after {compile_s * 1e3 / saved:.0f} steps" if saved > 0 else "never pays"
+        print(
+            f"  {name:<38} compile {compile_s:6.1f} s; eager {ms['eager']:8.2f} ms, compiled {ms['compiled']:8.2f} ms "
+            f"({ms['compiled'] / ms['eager']:.2f}x): {verdict}"
+        )
+        out[name] = {"compile_s": compile_s, "ms": ms}
+    return out
+
+
 def collect(
     sections: tuple[str, ...] = LEGACY_SECTIONS,
     *,
@@ -1203,6 +1261,8 @@ def collect(
         result["adamw_foreach"] = run_adamw_foreach(rounds, device, before_ref)
     if "elementwise" in sections:
         result["elementwise"] = run_elementwise(rounds, device, before_ref)
+    if "compile" in sections:
+        result["compile"] = run_compile(rounds, device)
     if "main" in sections:
         result["main"] = run_main(layers, steps, device)
     if "breakdown" in sections:
