@@ -679,25 +679,21 @@ def adamw(
             _finish_adamw(p, w, before, half, diagnostics)
             continue
         # W += m / ((sqrt(v) / sqrt(bc2) + eps) / s) with s = -lr / bc1, as sqrt(v) * a + b: 4 passes, as torch's
-        # foreach AdamW; a and b are 0-d tensors from t (at least 1: a skipped first step divides by no zero).
-        t = torch._foreach_maximum(steps, 1.0)
+        # foreach AdamW. a and b come from the step counts stacked into one vector (a handful of ops whatever the
+        # number of params), t at least 1 so that a skipped first step divides by no zero.
+        t = torch.stack(steps).clamp_(min=1.0)
         if dtype == torch.float64:
-            t = [x.double() for x in t]  # float64 params: float64 bias corrections
-        bc1 = torch._foreach_pow(beta1, t)
-        torch._foreach_sub_(bc1, 1.0)  # beta1^t - 1 = -(1 - beta1^t)
-        bc2 = torch._foreach_pow(beta2, t)
-        torch._foreach_neg_(bc2)
-        torch._foreach_add_(bc2, 1.0)
-        torch._foreach_sqrt_(bc2)  # sqrt(1 - beta2^t)
-        a = torch._foreach_div(bc1, bc2)
-        torch._foreach_div_(a, lr)  # a = 1 / (sqrt(bc2) s)
-        b = torch._foreach_mul(bc1, eps / lr)  # b = eps / s
+            t = t.double()  # float64 params: float64 bias corrections
+        bc1 = torch.pow(beta1, t).sub_(1.0)  # beta1^t - 1 = -(1 - beta1^t)
+        bc2 = torch.pow(beta2, t).neg_().add_(1.0).sqrt_()  # sqrt(1 - beta2^t)
+        a = bc1.div(bc2).div_(lr)  # a = 1 / (sqrt(bc2) s)
+        b = bc1.mul_(eps / lr)  # b = eps / s
         if keep is not None:  # a skipped step: denominator -inf, update -0
-            a = [torch.where(keep, x, 0.0) for x in a]
-            b = [torch.where(keep, x, -math.inf) for x in b]
+            a = torch.where(keep, a, 0.0)
+            b = torch.where(keep, b, -math.inf)
         denom = torch._foreach_sqrt(v)
-        torch._foreach_mul_(denom, a)
-        torch._foreach_add_(denom, b)
+        torch._foreach_mul_(denom, a.unbind())
+        torch._foreach_add_(denom, b.unbind())
         torch._foreach_addcdiv_(w, m, denom)
         _finish_adamw(p, w, before, half, diagnostics)
 
