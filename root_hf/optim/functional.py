@@ -620,7 +620,7 @@ def adamw(
     diagnostics: dict[str, list[torch.Tensor]] | None = None,
     found_inf: torch.Tensor | None = None,
 ) -> None:
-    r"""One AdamW step (Loshchilov & Hutter 2019), in place, with `torch._foreach_*` ops grouped by device and dtype.
+    r"""One AdamW step (Loshchilov & Hutter 2019), in place: `torch._foreach_*` ops per device and dtype (CPU: runs).
 
     $$
     m_t = \beta_1 m_{t-1} + (1 - \beta_1) g_t, \quad v_t = \beta_2 v_{t-1} + (1 - \beta_2) g_t^2, \quad
@@ -651,7 +651,12 @@ def adamw(
     groups: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
     for i, p in enumerate(params):
         groups[(p.device, p.dtype)].append(i)
-    for (device, dtype), idx in groups.items():
+    chunks = [
+        (device, dtype, chunk)
+        for (device, dtype), idx in groups.items()
+        for chunk in (_cache_chunks(idx, params) if device.type == "cpu" else [idx])
+    ]
+    for device, dtype, idx in chunks:
         p = [params[i] for i in idx]
         g = [grads[i] for i in idx]
         m = [exp_avgs[i] for i in idx]
@@ -696,6 +701,26 @@ def adamw(
         torch._foreach_add_(denom, b.unbind())
         torch._foreach_addcdiv_(w, m, denom)
         _finish_adamw(p, w, before, half, diagnostics)
+
+
+# On the CPU a `torch._foreach_*` op is a loop over its tensors: each of the ~8 passes of the AdamW update would sweep
+# every param before the next pass starts, evicting the caches between them. The lists are cut into runs of at most
+# this many entries (1 MiB of float32 per state tensor, each run at least one param), so that small params still share
+# ops and a large one stays in cache across the passes (same cache rule as MAX_BATCH_ELEMENTS_PER_THREAD).
+ADAMW_CPU_CHUNK_ELEMENTS = 2**18
+
+
+def _cache_chunks(idx: list[int], params: list[torch.Tensor]) -> list[list[int]]:
+    chunks: list[list[int]] = []
+    size = 0
+    for i in idx:
+        n = params[i].numel()
+        if not chunks or size + n > ADAMW_CPU_CHUNK_ELEMENTS:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(i)
+        size += n
+    return chunks
 
 
 def _finish_adamw(
