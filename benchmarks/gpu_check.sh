@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# root_hf on one CUDA GPU (root_hf issue 16), in under 6 minutes on an H200:
+# root_hf on one CUDA GPU (root_hf issues 16, 21 and 22); the part limits add up to under 13 minutes:
 #   1. environment (GPU, torch, transformers),
 #   2. tests/gpu (bf16 Newton-Schulz vs float64, ROOT steps on CUDA vs CPU float64, a tiny bf16 Trainer run),
 #   3. benchmarks/step_time.py --device cuda: bf16 / fp32 NS error vs the float64 polar factor on the benchmark
 #      shapes, ROOT vs torch.optim.Muon (and the optional peers) step time (torch.cuda.synchronize, medians),
 #      torch.cuda.max_memory_allocated rise of a steady step per optimizer, first-step overhead,
 #   4. tests/optim/test_gram.py -m gpu and benchmarks/gram.py --device cuda: standard vs Gram Newton-Schulz per shape
-#      (accuracy, time; issue 22).
+#      (accuracy, time; issue 22),
+#   5. (issue 21) the steady step under torch.cuda.set_sync_debug_mode("error"), and a CUDA step-time table (whole
+#      steps, the AdamW branch vs torch.optim.AdamW(foreach=True), the step outside Newton-Schulz).
 # Each part has its own time limit; a failing part is reported and the next one runs. Results go to $OUT when it is
 # set (the device tool's output folder), else to benchmarks/results/gpu/.
 # Usage: bash benchmarks/gpu_check.sh            (from anywhere; it cds to the repository root)
@@ -73,6 +75,16 @@ part gram_tests_cuda 60 "$PY" -m pytest tests/optim/test_gram.py -m gpu -q -rA -
     -o addopts="--import-mode=importlib"
 part gram_cuda 150 "$PY" benchmarks/gram.py --device cuda --threads 8 --rounds 10 --dtypes bf16 fp32 \
     --save "$RESULTS/gram_cuda.json"
+
+# issue 21: the steady step under torch.cuda.set_sync_debug_mode("error") (also in tests_gpu above, run alone here so
+# that its verdict is its own), then a CUDA step-time table: ROOT / torch.optim.Muon / AdamW whole steps, the AdamW
+# branch against torch.optim.AdamW(foreach=True) and the step outside Newton-Schulz ("before" needs git: skipped
+# where the working tree came without it).
+part sync_debug 90 "$PY" -m pytest tests/gpu -q -rA -p no:cacheprovider -o addopts="--import-mode=importlib" \
+    -k "sync_debug or nonfinite_cuda or batch_cap"
+
+part step_time_cuda_issue21 120 "$PY" benchmarks/step_time.py --device cuda --threads 8 --rounds 10 --steps 10 \
+    --sections main,adamw-foreach,elementwise --save "$RESULTS/step_time_cuda_issue21.json"
 
 echo "total $(($(date +%s) - t0)) s" | tee -a "$SUMMARY"
 exit "$failed"

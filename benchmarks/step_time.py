@@ -25,6 +25,14 @@ Sections (all by default):
   AdamW): step time (interleaved medians), FLOPs per step (counted with ``FlopCounterMode``) and each optimizer's
   error against the exact polar factor (float64 SVD) of the same input, then the issue 22 target ratios.
   ``--gram-sets``, ``--experts``, ``--distinct-shapes``, ``--gram-peers`` and ``--rounds`` cut it down for a CPU.
+- ``adamw-foreach`` (ask for it): ROOT's AdamW branch (all params ``use_root=False``; ``nonfinite_grads`` "ignore"
+  and the default "raise") against ``torch.optim.AdamW(foreach=True)`` on the same params (target <= 1.1x), and
+  against the AdamW branch of ``--before-ref`` (git main by default, imported from a ``git archive`` copy).
+- ``elementwise`` (ask for it): ROOT's step outside Newton-Schulz (clip off, ``newton_schulz`` replaced by the
+  identity: momentum, U_t, normalization, casts, weight decay, update, the AdamW branch of the vectors and the
+  non-finite check) now and at ``--before-ref``, interleaved in one process.
+- ``compile`` (ask for it): ``torch.compile`` of the elementwise functions of the step (the AdamW branch and the
+  momentum / Nesterov / weight-decay update of the matrices) against eager: compile time and step time.
 
 ``--save`` writes every figure as JSON (default ``benchmarks/results/step_time.json``), which
 ``benchmarks/convergence.py`` puts on the results page. Wall-clock figures on a shared machine are noisy; medians.
@@ -69,6 +77,7 @@ from root_hf.schedules import DEFAULT_SCHEDULE
 SECTIONS = (
     "main", "breakdown", "sweep", "memory", "peers", "ns-dtype", "temp-memory", "first-step", "batch-cap", "e2e",
     "gram-peers",
+    "adamw-foreach", "elementwise", "compile",
 )  # fmt: skip
 # what convergence.py's results page reads (collect()'s default); the CLI default adds the issue 16 sections
 LEGACY_SECTIONS = ("main", "breakdown", "sweep", "memory")
@@ -1475,6 +1484,190 @@ def _print_gram_set(set_name: str, row: dict[str, Any], rounds: int, threads: in
         print(f"  {name} / {DS_GRAM} at equal NS dtype ({ds}): {ms[name] / ms[DS_GRAM]:.2f}x")
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# adamw-foreach / elementwise (issue 21): the foreach AdamW branch and the step outside Newton-Schulz, before vs after
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def load_before(ref: str) -> Any:
+    """`root_hf` as of git `ref`, imported as the package `root_hf_before` (its imports are relative), or None.
+
+    The copy comes from `git archive` into a temporary folder; None (with a note) where git or the ref is missing,
+    e.g. on a device machine that received the working tree only.
+    """
+    import importlib
+    import io
+    import tarfile
+    import tempfile
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        archive = subprocess.run(
+            ["git", "-C", str(root), "archive", ref, "root_hf"], capture_output=True, check=True, timeout=60
+        ).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        print(f"  note: no before copy ({ref}): {e}")
+        return None
+    folder = Path(tempfile.mkdtemp(prefix="root_hf_before_"))
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(folder, filter="data")
+    (folder / "root_hf").rename(folder / "root_hf_before")
+    sys.path.insert(0, str(folder))
+    return importlib.import_module("root_hf_before")
+
+
+def adamw_param_sets(device: str) -> dict[str, list[torch.nn.Parameter]]:
+    """The SmolLM2 hidden matrices of 6 layers (bandwidth) and 600 small vectors (per-parameter overhead)."""
+    g = torch.Generator().manual_seed(0)
+    vectors = []
+    for _ in range(600):
+        p = torch.nn.Parameter(torch.randn(576, generator=g).to(device))
+        p.grad = torch.randn(576, generator=g).to(device)
+        vectors.append(p)
+    return {"smollm2-135m 6 layers (matrices)": make_params(6, device), "600 vectors of 576": vectors}
+
+
+def _clone_with_grads(params: list[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
+    out = []
+    for p in params:
+        q = torch.nn.Parameter(p.detach().clone())
+        q.grad = p.grad.clone()
+        out.append(q)
+    return out
+
+
+def run_adamw_foreach(rounds: int, device: str, before_ref: str) -> dict[str, Any]:
+    print("\n== adamw-foreach: ROOT's AdamW branch vs torch.optim.AdamW(foreach=True), same params (medians) ==")
+    before = load_before(before_ref)
+    out: dict[str, Any] = {"before_ref": before_ref if before is not None else None, "sets": {}}
+    for name, params in adamw_param_sets(device).items():
+        fns: dict[str, Callable[[], None]] = {}
+        torch_params = _clone_with_grads(params)
+        fns["torch AdamW (foreach)"] = with_grads(
+            torch.optim.AdamW(torch_params, lr=1e-3, weight_decay=0.1, foreach=True).step, torch_params, device
+        )
+        for mode in ("ignore", "raise"):
+            own = _clone_with_grads(params)
+            opt = ROOT([{"params": own, "use_root": False}], lr=1e-3, weight_decay=0.1, nonfinite_grads=mode)
+            fns[f"ROOT AdamW branch ({mode})"] = with_grads(opt.step, own, device)
+            if before is not None:
+                old = _clone_with_grads(params)
+                old_opt = before.ROOT(
+                    [{"params": old, "use_root": False}], lr=1e-3, weight_decay=0.1, nonfinite_grads=mode
+                )
+                fns[f"before: AdamW branch ({mode})"] = with_grads(old_opt.step, old, device)
+        ms = {k: v * 1e3 for k, v in interleaved_medians(fns, rounds).items()}
+        base = ms["torch AdamW (foreach)"]
+        print(f"-- {name}: {sum(p.numel() for p in params) / 1e6:.1f}M params, {rounds} rounds")
+        for k, v in ms.items():
+            print(f"  {k:<32} {v:9.2f} ms  {v / base:.2f}x torch foreach")
+        ratio = ms["ROOT AdamW branch (ignore)"] / base
+        print(f"  ROOT AdamW branch / torch AdamW(foreach=True): {ratio:.2f}x ignore, "
+              f"{ms['ROOT AdamW branch (raise)'] / base:.2f}x raise (target <= 1.1x: "
+              f"{'met' if ratio <= 1.1 else 'NOT met'} without the check)")  # fmt: skip
+        out["sets"][name] = {"ms": ms, "ratio_to_torch_foreach": {k: v / base for k, v in ms.items()}}
+    return out
+
+
+def _identity_ns(x: torch.Tensor, schedule: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+    return x
+
+
+def run_elementwise(rounds: int, device: str, before_ref: str) -> dict[str, Any]:
+    """The step with the clip off and Newton-Schulz replaced by the identity: what is left is elementwise."""
+    print("\n== elementwise: ROOT's step outside Newton-Schulz (clip off, NS = identity), now vs before (medians) ==")
+    before = load_before(before_ref)
+    modules = [root_functional] + ([sys.modules["root_hf_before.optim.functional"]] if before is not None else [])
+    saved = [m.newton_schulz for m in modules]
+    out: dict[str, Any] = {"before_ref": before_ref if before is not None else None, "sets": {}}
+    try:
+        for m in modules:
+            m.newton_schulz = _identity_ns
+        for name in ("smollm2-135m", "llama-3.2-1b"):
+            dims, layers = SHAPE_SETS[name]
+            base = make_params(layers, device, dims=dims)
+            g = torch.Generator().manual_seed(1)
+            for _ in range(4 * layers):  # the norms of each layer: AdamW branch
+                v = torch.nn.Parameter(torch.ones(dims["hidden"]).to(device))
+                v.grad = (torch.randn(dims["hidden"], generator=g) * 1e-3).to(device)
+                base.append(v)
+            fns: dict[str, Callable[[], None]] = {}
+            for mode in ("ignore", "raise"):
+                for label, cls in (("now", ROOT), ("before", before.ROOT if before is not None else None)):
+                    if cls is None:
+                        continue
+                    params = _clone_with_grads(base)
+                    opt = cls(params, lr=1e-3, clip_quantile=None, ns_dtype="float32", nonfinite_grads=mode)
+                    fns[f"{label} ({mode})"] = with_grads(opt.step, params, device)
+            ms = {k: v * 1e3 for k, v in interleaved_medians(fns, rounds).items()}
+            print(f"-- {name} ({layers} layers + {4 * layers} norm vectors), {rounds} rounds")
+            for k, v in ms.items():
+                rel = f"  {v / ms[k.replace('now', 'before')]:.2f}x before" if k.startswith("now") and before else ""
+                print(f"  {k:<18} {v:9.2f} ms{rel}")
+            out["sets"][name] = {"ms": ms}
+    finally:
+        for m, fn in zip(modules, saved, strict=True):
+            m.newton_schulz = fn
+    return out
+
+
+def _momentum_update(params, grads, bufs, lr: float, wd: float, mu: float) -> None:
+    """The matrices' elementwise work of a step with NS = identity: W (1 - lr wd), M = mu M + G, W -= lr (G + mu M)."""
+    torch._foreach_mul_(params, 1 - lr * wd)
+    for buf, g in zip(bufs, grads, strict=True):
+        torch.add(g, buf, alpha=mu, out=buf)
+    for p, buf, g in zip(params, bufs, grads, strict=True):
+        p.add_(torch.add(g, buf, alpha=mu), alpha=-lr)
+
+
+def run_compile(rounds: int, device: str) -> dict[str, Any]:
+    """Eager vs `torch.compile` (inductor) of the elementwise step functions: compile time, interleaved medians."""
+    print("\n== compile: torch.compile of the elementwise part of the step vs eager (medians) ==")
+    out: dict[str, Any] = {}
+    matrices = make_params(6, device)
+    vectors = adamw_param_sets(device)["600 vectors of 576"]
+    cases: dict[str, tuple[Callable[..., None], Callable[[], tuple]]] = {}
+
+    def adamw_args(params: list[torch.nn.Parameter]) -> Callable[[], tuple]:
+        own = _clone_with_grads(params)
+        state = (
+            [torch.zeros_like(p) for p in own],
+            [torch.zeros_like(p) for p in own],
+            [torch.zeros((), device=p.device) for p in own],
+        )
+        return lambda: ([p.data for p in own], [p.grad for p in own], *state)
+
+    def momentum_args(params: list[torch.nn.Parameter]) -> Callable[[], tuple]:
+        own = _clone_with_grads(params)
+        bufs = [torch.zeros_like(p) for p in own]
+        return lambda: ([p.data for p in own], [p.grad for p in own], bufs)
+
+    kw_adamw = {"lr": 1e-3, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "weight_decay": 0.1}
+    cases["AdamW branch, 6 SmolLM2 layers"] = (lambda *a: root_functional.adamw(*a, **kw_adamw), adamw_args(matrices))
+    cases["momentum + update, 6 SmolLM2 layers"] = (
+        lambda *a: _momentum_update(*a, lr=1e-3, wd=0.1, mu=0.95),
+        momentum_args(matrices),
+    )
+    # last: its compile (one graph over 600 tensors) took more than 15 minutes on the 2-core machine
+    cases["AdamW branch, 600 vectors"] = (lambda *a: root_functional.adamw(*a, **kw_adamw), adamw_args(vectors))
+    for name, (fn, args) in cases.items():
+        compiled = torch.compile(fn, dynamic=False)
+        start = time.perf_counter()
+        compiled(*args())
+        _sync(device)
+        compile_s = time.perf_counter() - start
+        fns = {"eager": lambda fn=fn, args=args: fn(*args()), "compiled": lambda c=compiled, args=args: c(*args())}
+        ms = {k: v * 1e3 for k, v in interleaved_medians(fns, rounds).items()}
+        saved = ms["eager"] - ms["compiled"]
+        verdict = f"pays back after {compile_s * 1e3 / saved:.0f} steps" if saved > 0 else "never pays"
+        print(
+            f"  {name:<38} compile {compile_s:6.1f} s; eager {ms['eager']:8.2f} ms, compiled {ms['compiled']:8.2f} ms "
+            f"({ms['compiled'] / ms['eager']:.2f}x): {verdict}"
+        )
+        out[name] = {"compile_s": compile_s, "ms": ms}
+    return out
+
+
 def collect(
     sections: tuple[str, ...] = LEGACY_SECTIONS,
     *,
@@ -1494,6 +1687,7 @@ def collect(
     distinct_shapes: bool = False,
     gram_peers: tuple[str, ...] | None = None,
     e2e_optimizers: tuple[str, ...] | None = None,
+    before_ref: str = "main",
 ) -> dict[str, Any]:
     """Run the chosen sections, print their figures and return them as one dict (also written to ``save``)."""
     torch.set_num_threads(threads)
@@ -1530,6 +1724,12 @@ def collect(
         result["first_step"] = run_first_step(device, threads)
     if "batch-cap" in sections:
         result["batch_cap"] = run_batch_cap(shape_sets, rounds, device)
+    if "adamw-foreach" in sections:
+        result["adamw_foreach"] = run_adamw_foreach(rounds, device, before_ref)
+    if "elementwise" in sections:
+        result["elementwise"] = run_elementwise(rounds, device, before_ref)
+    if "compile" in sections:
+        result["compile"] = run_compile(rounds, device)
     if "main" in sections:
         result["main"] = run_main(layers, steps, device)
     if "breakdown" in sections:
@@ -1645,6 +1845,9 @@ def main() -> None:
         "--plot-from", nargs="+", type=Path, default=None, help="draw the peers section of saved JSON runs and exit"
     )
     parser.add_argument("--plot", type=Path, default=DEFAULT_PLOT, help=f"with --plot-from (default {DEFAULT_PLOT})")
+    parser.add_argument(
+        "--before-ref", default="main", help="git ref of the 'before' copy in adamw-foreach / elementwise (main)"
+    )
     parser.add_argument("--worker", nargs=5, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.plot_from:
@@ -1698,6 +1901,7 @@ def main() -> None:
                 "e2e_optimizers": (
                     tuple(n.strip() for n in args.e2e_optimizers.split(",")) if args.e2e_optimizers else None
                 ),
+                "before_ref": args.before_ref,
             }
             | quick
         ),

@@ -6,7 +6,8 @@ On CUDA, `torch.cuda.set_sync_debug_mode("error")` finds them; on CPU nothing wa
 - a tensor turned into a Python value: `bool(t)` / `if t:`, `t.item()`, `t.tolist()`, `float(t)`, `int(t)`,
   `operator.index(t)`, `t.numpy()`, `torch.equal`, `torch.is_nonzero`;
 - a copy to the host: `t.cpu()` and `t.to("cpu")` (counted for every tensor, also CPU ones, so that a CPU test
-  catches what a GPU step would wait for), `t.to(device)` with a CPU `device` from a non-CPU tensor;
+  catches what a GPU step would wait for), `t.to(device)` with a CPU `device` from a non-CPU tensor, and a blocking
+  `host.copy_(t)` from a non-CPU tensor (`non_blocking=True` into pinned memory does not wait);
 - an output whose shape depends on the data: `nonzero`, `argwhere`, `masked_select`, `unique`, indexing or assigning
   with a boolean mask.
 
@@ -35,6 +36,10 @@ _INDEXING = {"__getitem__", "__setitem__"}
 def _is_to_host(name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     if name == "cpu":
         return True
+    if name == "copy_":
+        dst, src = args[0], args[1] if len(args) > 1 else kwargs.get("src")
+        blocking = not (args[2] if len(args) > 2 else kwargs.get("non_blocking", False))
+        return isinstance(src, torch.Tensor) and dst.device.type == "cpu" and src.device.type != "cpu" and blocking
     if name != "to":
         return False
     targets = [*list(args[1:]), kwargs.get("device")]

@@ -15,9 +15,12 @@ sample depends only on the number of entries, so every rank, every step and ever
 Zero entries: if at least a fraction `q` of the entries are exactly zero (a sparse or partly dead gradient), the
 plain quantile is 0 and the clip would zero the whole matrix. In that case the threshold is the `q`-quantile of the
 *non-zero* entries instead; for a matrix without exact zeros (the generic case) nothing changes. When a sampled matrix
-is so sparse that its sample holds no non-zero entry at all, the threshold is the exact `q`-quantile of the matrix's
-non-zero entries (one extra pass over that matrix, only then): a matrix with a non-zero entry is never clipped to
-zero. An all-zero matrix gets `eps = 0` and stays zero.
+is so sparse that its sample holds no non-zero entry at all (fewer than about 1 entry in 16384 is non-zero), its
+outliers cannot be told from the sample, and the threshold is its largest `|U|`: such a matrix is not clipped, and a
+matrix with a non-zero entry is never clipped to zero. That maximum is one pass over each sampled matrix, computed for
+every sampled batch and selected on the device, so that the step never waits for the device to learn which case
+applies (an exact quantile of the non-zero entries needs that answer first, or a full sort every step). An all-zero
+matrix gets `eps = 0` and stays zero.
 """
 
 from __future__ import annotations
@@ -47,14 +50,6 @@ def _sample_indices(numel: int, size: int, device: torch.device) -> torch.Tensor
         idx = torch.randint(numel, (size,), generator=generator).sort().values.to(device)
         _sample_cache[key] = idx
     return idx
-
-
-def _quantile_of_sorted(values: torch.Tensor, q: float) -> torch.Tensor:
-    """`q`-quantile of an ascending 1-D tensor, linearly interpolated like `torch.quantile`."""
-    pos = q * (values.numel() - 1)
-    lo = math.floor(pos)
-    hi = min(lo + 1, values.numel() - 1)
-    return torch.lerp(values[lo], values[hi], pos - lo)
 
 
 def quantile_threshold(u: torch.Tensor, q: float, sample_size: int = QUANTILE_SAMPLE_SIZE) -> torch.Tensor:
@@ -88,14 +83,11 @@ def quantile_threshold(u: torch.Tensor, q: float, sample_size: int = QUANTILE_SA
     below = top.gather(1, (n - 1 - lo).long())
     above = top.gather(1, (n - 1 - hi).long())
     eps = torch.lerp(below, above, pos - lo).squeeze(1)
-    if sampled and bool((eps == 0).any()):
-        # The sample held no non-zero entry of some matrix (e.g. 50 non-zeros in 2048 x 2048): take the exact quantile
-        # of that matrix's non-zero entries. One host sync per sampled batch; the extra pass runs only in this case.
-        full = u.reshape(u.shape[0], -1)
-        for i in (eps == 0).nonzero().flatten().tolist():
-            nonzero = full[i][full[i] != 0].abs()
-            if nonzero.numel() > 0:
-                eps[i] = _quantile_of_sorted(nonzero.sort().values, q)
+    if sampled:
+        # The sample may hold no non-zero entry of some matrix (e.g. 50 non-zeros in 2048 x 2048): no clipping for
+        # that matrix (eps = max |U|, 0 only for an all-zero matrix), selected on the device (no host sync).
+        low, high = torch.aminmax(u.reshape(u.shape[0], -1), dim=1)  # one pass, no |U| copy
+        eps = torch.where(eps == 0, torch.maximum(high, low.neg()).to(eps.dtype), eps)
     return eps
 
 

@@ -647,14 +647,6 @@ class DistributedPlan:
             dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
         return t[0] > 0
 
-    def all_true(self, flag: bool, device: torch.device) -> bool:
-        """Logical AND of `flag` over the group (so every rank takes the same branch)."""
-        if self.group is None:
-            return flag
-        t = torch.tensor([0.0 if flag else 1.0], device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
-        return bool(t.item() == 0.0)
-
 
 def _check_placements(p: torch.Tensor) -> None:
     for placement in p.placements:

@@ -41,7 +41,15 @@ _HALF = (torch.float16, torch.bfloat16)
 # 2**22 / 2**21 / 2**20 elements: 6 SmolLM2-135M layers 1.30x / 1.19x / 1.20x at 1 thread and 0.82x / 0.77x / 1.04x
 # at 2 threads; 2 Llama-3.2-1B layers 1.14x / 1.05x / 1.12x (1 thread), 1.02x / 1.00x / 0.97x (2 threads). Large
 # batches thrash the caches of one core; batches of one matrix leave the other cores idle (bmm splits the batch).
+# This is the CPU rule (a cache-size rule: 2**20 float32 entries, 4 MiB, per core); `batch_cap` picks it per device.
 MAX_BATCH_ELEMENTS_PER_THREAD = 2**20
+# On an accelerator the thread count says nothing (`torchrun` sets 1 thread: 64 matrices of 2048 x 2048 ran as 64
+# Newton-Schulz calls): a batch is bounded by memory instead. Its temporaries are the work-dtype U_t (4 bytes each),
+# the NS-dtype X and the Newton-Schulz buffers (A, A @ X, A @ A @ X and the next X: about 5 half-precision copies for
+# a square matrix, 10 bytes); 32 bytes an entry over-counts them for float32 NS, and they may take 1/16 of the device
+# memory: about 1.6e8 entries on an 80 GB GPU, so 64 matrices of 2048 x 2048 run in 2 calls instead of 64.
+BATCH_BYTES_PER_ELEMENT = 32
+BATCH_MEMORY_FRACTION = 1 / 16
 
 
 def adjusted_lr_ratio(adjust_lr_fn: AdjustLrFn, shape: Iterable[int]) -> float:
@@ -76,6 +84,34 @@ def adjusted_lr_ratio(adjust_lr_fn: AdjustLrFn, shape: Iterable[int]) -> float:
     raise ValueError(f"Invalid adjust_lr_fn: {adjust_lr_fn!r}. Must be one of {ADJUST_LR_FNS}.")
 
 
+def batch_cap(device: torch.device) -> int:
+    """Largest batch of same-shape matrices (in entries) clipped and orthogonalized in one call on `device`.
+
+    CPU: `MAX_BATCH_ELEMENTS_PER_THREAD * torch.get_num_threads()` (the cache rule measured in docs/benchmarks.md).
+    An accelerator that reports its memory (CUDA, XPU): `BATCH_MEMORY_FRACTION` of it at `BATCH_BYTES_PER_ELEMENT`
+    bytes an entry, whatever the thread count. Other devices (MPS): the CPU rule. An entry larger than the cap (a whole
+    fused expert tensor) still runs, alone.
+    """
+    if device.type != "cpu":
+        total = _device_memory(device.type, device.index)
+        if total:
+            return max(1, int(total * BATCH_MEMORY_FRACTION) // BATCH_BYTES_PER_ELEMENT)
+    return MAX_BATCH_ELEMENTS_PER_THREAD * torch.get_num_threads()
+
+
+@functools.lru_cache(maxsize=64)
+def _device_memory(device_type: str, index: int | None) -> int:
+    """Total memory of an accelerator in bytes, or 0 if its backend does not report it (read once per device)."""
+    module = getattr(torch, device_type, None)
+    props = getattr(module, "get_device_properties", None)
+    if props is None:
+        return 0
+    try:
+        return int(getattr(props(index if index is not None else module.current_device()), "total_memory", 0))
+    except (RuntimeError, AssertionError, AttributeError):
+        return 0
+
+
 def _flat_param_error(shape: tuple[int, ...]) -> ValueError:
     return ValueError(
         f"ROOT received a parameter of shape {shape} on its ROOT branch (use_root=True), but it orthogonalizes "
@@ -108,6 +144,7 @@ def root(
     process_group: Any = None,
     ns_method: NsMethod = "auto",
     ns_methods: Mapping[tuple[int, int, int, torch.dtype, str], str] | None = None,
+    found_inf: torch.Tensor | None = None,
 ) -> None:
     r"""One ROOT step on matrix params, in place (functional API; `ROOT` documents the algorithm).
 
@@ -145,6 +182,9 @@ def root(
             `root_hf.optim.newton_schulz.select_ns_method`).
         ns_methods: the forms `"auto"` picked, by `(m, n, ns_steps, NS dtype, device type)` (`ROOT` passes those it
             resolved when the params were added); a key missing here is resolved through `select_ns_method`'s cache.
+        found_inf: None, or a one-element float tensor (as `torch.optim`'s fused optimizers take it): where it is
+            non-zero the step changes nothing (params and momentum keep their values), decided on the device without
+            waiting for it; the work is done all the same.
 
     Raises:
         ValueError: for a param with fewer than 2 dims.
@@ -156,7 +196,9 @@ def root(
         keep = [i for i, p in enumerate(params) if p.numel() > 0]
         params, grads = [params[i] for i in keep], [grads[i] for i in keep]
         momentum_buffers = [momentum_buffers[i] for i in keep]
+    keep = {}  # device -> 0-d bool tensor, True when the step applies (found_inf == 0)
     ortho = _Orthogonalizer(
+        keep=keep,
         clip_quantile=clip_quantile,
         ns_steps=ns_steps,
         ns_coefficients=ns_coefficients,
@@ -178,9 +220,11 @@ def root(
         partitions[(buf.dtype, buf.device)].append(i)
     for (work_dtype, device), idx in partitions.items():
         p_loc = [local_tensor(params[i]) for i in idx]
+        if found_inf is not None and device not in keep:
+            keep[device] = found_inf.to(device).reshape(()) == 0  # device to device: no host sync
         if weight_decay != 0:
-            for p in p_loc:
-                p.mul_(1 - lr * weight_decay)  # decoupled decay with the unscaled lr
+            # W <- W (1 - eta lambda): decoupled decay with the unscaled lr, one foreach op per param dtype
+            _foreach_scale_(p_loc, 1 - lr * weight_decay, keep.get(device))
         # each param planned on its own (a group may mix DTensors and plain tensors, e.g. FSDP2 ignored_params)
         for plan, sub in plan_groups([params[i] for i in idx], process_group):
             js = [idx[k] for k in sub]
@@ -198,9 +242,63 @@ def root(
                 plan.mesh_step(s, [params[i] for i in js], p_sub, g_sub, b_sub, matrix_view, matrix_split, out_dtype)
 
 
-def _momentum_(buf: torch.Tensor, g: torch.Tensor, momentum: float) -> None:
-    """`M_t = mu M_{t-1} + G_t` in place, in one pass (`mul_` then `add_` would read and write the buffer twice)."""
-    torch.add(g, buf, alpha=momentum, out=buf)
+def _by_dtype(tensors: list[torch.Tensor], *others: list[torch.Tensor]) -> Iterable[tuple[list[torch.Tensor], ...]]:
+    """`tensors` (and the parallel lists `others`) split by the dtype of `tensors`, for `torch._foreach_*` ops."""
+    groups: dict[torch.dtype, list[int]] = defaultdict(list)
+    for i, t in enumerate(tensors):
+        groups[t.dtype].append(i)
+    for idx in groups.values():
+        yield tuple([lst[i] for i in idx] for lst in (tensors, *others))
+
+
+def _select(keep: torch.Tensor, value: float, other: float, dtype: torch.dtype) -> torch.Tensor:
+    """`where(keep, value, other)` as a 0-d tensor of `dtype` (at least float32) on `keep`'s device.
+
+    `torch.full` is a fill kernel (no host-to-device copy); the float32-or-wider dtype keeps the scalar as exact as a
+    Python float would be: a 0-d float32 factor times a bfloat16 tensor is computed in float32.
+    """
+    dtype = torch.promote_types(dtype, torch.float32)
+    return torch.where(keep, torch.full((), value, dtype=dtype, device=keep.device), other)
+
+
+def _foreach_scale_(tensors: list[torch.Tensor], factor: float, keep: torch.Tensor | None) -> None:
+    """`t *= factor` for every tensor, or `t *= where(keep, factor, 1)` (exactly `t` when `keep` is False)."""
+    for (group,) in _by_dtype(tensors):
+        torch._foreach_mul_(group, factor if keep is None else _select(keep, factor, 1.0, group[0].dtype))
+
+
+def _momentum_(buf: torch.Tensor, g: torch.Tensor, momentum: float, keep: torch.Tensor | None = None) -> None:
+    """`M_t = mu M_{t-1} + G_t` in place, in one pass (`mul_` then `add_` would read and write the buffer twice).
+
+    With `keep` (a 0-d bool tensor), `M_t = where(keep, mu M_{t-1} + G_t, M_{t-1})`: a skipped step leaves the buffer
+    bit for bit, also when `G_t` holds inf or NaN.
+    """
+    if keep is None:
+        torch.add(g, buf, alpha=momentum, out=buf)
+    else:
+        torch.where(keep, torch.add(g, buf, alpha=momentum), buf, out=buf)
+
+
+def _momentum_all_(
+    bufs: list[torch.Tensor], grads: list[torch.Tensor], momentum: float, keep: torch.Tensor | None
+) -> None:
+    """`_momentum_` on every buffer: one pass each on CPU (where `torch._foreach_*` loops over the tensors anyway),
+    two horizontally fused `torch._foreach_*` ops per dtype on an accelerator (as `torch.optim.SGD(foreach=True)`)."""
+    if keep is not None or not bufs or bufs[0].device.type == "cpu":
+        for buf, g in zip(bufs, grads, strict=True):
+            _momentum_(buf, g, momentum, keep)
+        return
+    for b, g in _by_dtype(bufs, grads):
+        torch._foreach_mul_(b, momentum)
+        torch._foreach_add_(b, g)
+
+
+def _momentum_direction_(
+    g: torch.Tensor, buf: torch.Tensor, momentum: float, nesterov: bool, keep: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Update `buf` in place to `M_t = mu M_{t-1} + G_t`; return `U_t` (a new tensor, or `buf` itself)."""
+    _momentum_(buf, g, momentum, keep)
+    return torch.add(g, buf, alpha=momentum) if nesterov else buf  # U_t = G_t + mu M_t
 
 
 def _out_dtype(ns_steps: int, ns_dtype: NsDtype, device: torch.device, work_dtype: torch.dtype) -> torch.dtype:
@@ -234,8 +332,8 @@ class _Step:
     alpha = _alpha
 
     def momentum_(self, buf: torch.Tensor, g: torch.Tensor) -> None:
-        """`M_t = mu M_{t-1} + G_t` in place."""
-        _momentum_(buf, g, self.momentum)
+        """`M_t = mu M_{t-1} + G_t` in place (unchanged on a skipped step, see `found_inf`)."""
+        _momentum_(buf, g, self.momentum, self.ortho.keep.get(buf.device))
 
     def direction(self, g: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
         """`U_t` from the updated buffer `M_t`: `G_t + mu M_t` (Nesterov) or `M_t` itself."""
@@ -255,16 +353,18 @@ class _Step:
         # a non-contiguous param (e.g. channels_last) is updated through a contiguous copy, written back at the end
         work = [p if p.is_contiguous() else p.contiguous() for p in p_loc]
         p3 = [as_batch(w, v) for w, v in zip(work, views, strict=True)]
+        device = b_loc[0].device
+        # M_t first, then the batch views: a non-contiguous buffer's view is a copy, which must hold M_t, not M_{t-1}
+        _momentum_all_(b_loc, g_loc, self.momentum, self.ortho.keep.get(device))
         g3 = [as_batch(g, v) for g, v in zip(g_loc, views, strict=True)]
         b3 = [as_batch(b, v) for b, v in zip(b_loc, views, strict=True)]
         buckets: dict[tuple[int, int], list[tuple[int, Block]]] = defaultdict(list)
         for j, v in enumerate(views):
-            _momentum_(b_loc[j], g_loc[j], self.momentum)
             for blk in v.blocks:
                 if v.batch * blk.shape[0] * blk.shape[1] > 0:  # zero-size matrices: nothing to do
                     buckets[blk.shape].append((j, blk))
-        for (m, n), entries in _chunks(buckets, views):
-            u = self._stack_direction(entries, views, g3, b3, (m, n), b_loc[0].device)
+        for (m, n), entries in _chunks(buckets, views, batch_cap(device)):
+            u = self._stack_direction(entries, views, g3, b3, (m, n), device)
             x = self.ortho.prepare(u)
             del u  # the work-dtype U_t batch goes before Newton-Schulz allocates (the step's peak temporary memory)
             x = self.ortho.iterate(x, (m, n))
@@ -303,11 +403,9 @@ class _Step:
 
 
 def _chunks(
-    buckets: dict[tuple[int, int], list[tuple[int, Block]]], views: list[ParamView]
+    buckets: dict[tuple[int, int], list[tuple[int, Block]]], views: list[ParamView], limit: int
 ) -> Iterable[tuple[tuple[int, int], list[tuple[int, Block]]]]:
-    """Each bucket cut into consecutive runs of at most `MAX_BATCH_ELEMENTS_PER_THREAD * torch.get_num_threads()`
-    elements (at least one entry each)."""
-    limit = MAX_BATCH_ELEMENTS_PER_THREAD * torch.get_num_threads()
+    """Each bucket cut into consecutive runs of at most `limit` elements (`batch_cap`; at least one entry each)."""
     for (m, n), entries in buckets.items():
         run: list[tuple[int, Block]] = []
         size = 0
@@ -335,6 +433,7 @@ class _Orthogonalizer:
     def __init__(
         self,
         *,
+        keep: dict[torch.device, torch.Tensor] | None = None,
         clip_quantile: float | None,
         ns_steps: int,
         ns_coefficients: ScheduleSpec,
@@ -351,6 +450,7 @@ class _Orthogonalizer:
         self.eps, self.ns_dtype, self.lr, self.adjust_lr_fn = eps, ns_dtype, lr, adjust_lr_fn
         self.diagnostics, self.schedules = diagnostics, schedules
         self.ns_method, self.ns_methods = ns_method, ns_methods or {}
+        self.keep = {} if keep is None else keep  # device -> 0-d bool: False zeroes X_K (a skipped step)
 
     def __call__(self, u: torch.Tensor) -> torch.Tensor:
         return self.iterate(self.prepare(u), tuple(u.shape[-2:]))
@@ -369,14 +469,14 @@ class _Orthogonalizer:
                 diagnostics["clip_fraction"].append(fraction)
                 diagnostics["eps_over_rms"].append(thresh / rms.clamp(min=torch.finfo(rms.dtype).tiny))
                 del unclipped
-        if self.ns_steps == 0:
-            return u  # orthogonalization off: the update is the (clipped) momentum itself
         # Normalize in the work dtype (float32 or wider), then cast once: dividing a bfloat16 batch by a float32 norm
         # is a slow mixed-dtype broadcast on CPU (37 ms vs 3.4 ms on 12 x 1536 x 576), and rounding after the
         # division is the more accurate order.
         norm_dtype = torch.promote_types(work_dtype, torch.float32)
         norm = torch.linalg.vector_norm(u, dim=(1, 2), keepdim=True, dtype=norm_dtype)
         u.div_(norm + self.eps)  # X_0 = B_t / (||B_t||_F + eps)
+        if self.ns_steps == 0:
+            return u  # orthogonalization off: X_K = X_0, the normalized (clipped) momentum, as orthogonalize()
         x = u.to(_out_dtype(self.ns_steps, self.ns_dtype, u.device, work_dtype))
         if m > n and x.dtype in _HALF:
             # iterated as its transpose (see newton_schulz); transposed here, so the untransposed copy is freed before
@@ -398,6 +498,10 @@ class _Orthogonalizer:
             x = newton_schulz(x, schedule, method)
             if transposed:
                 x = x.mT
+        keep = self.keep.get(x.device)
+        if keep is not None:
+            # a skipped step adds exactly zero: X_K of a non-finite U_t is inf / NaN, and 0 * NaN is NaN
+            x.masked_fill_(keep.logical_not(), 0.0)
         if self.diagnostics is not None:
             scale = adjusted_lr_ratio(self.adjust_lr_fn, (m, n))
             self.diagnostics["update_rms"].append(self.lr * scale * x.float().square().mean(dim=(1, 2)).sqrt())
@@ -426,47 +530,121 @@ def adamw(
     eps: float,
     weight_decay: float,
     diagnostics: dict[str, list[torch.Tensor]] | None = None,
+    found_inf: torch.Tensor | None = None,
 ) -> None:
-    r"""One AdamW step (Loshchilov & Hutter 2019), in place, with the arithmetic of `torch.optim.AdamW(foreach=False)`.
+    r"""One AdamW step (Loshchilov & Hutter 2019), in place: `torch._foreach_*` ops per device and dtype (CPU: runs).
 
     $$
     m_t = \beta_1 m_{t-1} + (1 - \beta_1) g_t, \quad v_t = \beta_2 v_{t-1} + (1 - \beta_2) g_t^2, \quad
     W_t = W_{t-1}(1 - \eta\lambda) - \eta \frac{m_t / (1 - \beta_1^t)}{\sqrt{v_t / (1 - \beta_2^t)} + \epsilon}
     $$
 
-    Half-precision params keep float32 moments; their update is computed in float32 and rounded once.
+    The step count stays a tensor on the param's device and the bias corrections are computed there (as
+    `torch.optim.AdamW(capturable=True)`): the step never waits for the device. The values match
+    `torch.optim.AdamW(foreach=False)` to float32 rounding (the bias corrections are float32 device scalars, and the
+    step size is folded into the denominator). Half-precision params keep float32 moments; their update is computed
+    in float32 and rounded once.
 
     Args:
         params: the parameters (local shards under FSDP2: everything here is elementwise).
         grads: their gradients.
         exp_avgs: first moments $m$, updated.
         exp_avg_sqs: second moments $v$, updated.
-        state_steps: one float32 scalar tensor per param, the step count $t$, incremented.
+        state_steps: one float32 scalar tensor per param, on the param's device, the step count $t$, incremented.
         lr: learning rate $\eta$.
         beta1: $\beta_1$.
         beta2: $\beta_2$.
         eps: $\epsilon$.
         weight_decay: decoupled decay $\lambda$.
         diagnostics: if a dict, each param's update RMS is appended under `update_rms`.
+        found_inf: None, or a one-element float tensor: where it is non-zero the step changes nothing (params, moments
+            and step counts keep their values, also for non-finite gradients), decided on the device.
     """
-    for p, g, m, v, step_t in zip(params, grads, exp_avgs, exp_avg_sqs, state_steps, strict=False):
-        step_t += 1
-        half = p.dtype in _HALF
-        w = p.float() if half else p
-        g = g.float() if half else g
-        if diagnostics is not None:
-            before = w.clone()
-        if weight_decay != 0:
-            w.mul_(1 - lr * weight_decay)
-        m.lerp_(g, 1 - beta1)
-        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        step = step_t.item()
-        bias_correction1 = 1 - beta1**step
-        bias_correction2 = 1 - beta2**step
-        step_size = lr / bias_correction1
-        denom = (v.sqrt() / bias_correction2**0.5).add_(eps)
-        w.addcdiv_(m, denom, value=-step_size)
-        if diagnostics is not None:
-            diagnostics["update_rms"].append((w - before).float().square().mean().sqrt().reshape(1))
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
+    for i, p in enumerate(params):
+        groups[(p.device, p.dtype)].append(i)
+    chunks = [
+        (device, dtype, chunk)
+        for (device, dtype), idx in groups.items()
+        for chunk in (_cache_chunks(idx, params) if device.type == "cpu" else [idx])
+    ]
+    for device, dtype, idx in chunks:
+        p = [params[i] for i in idx]
+        g = [grads[i] for i in idx]
+        m = [exp_avgs[i] for i in idx]
+        v = [exp_avg_sqs[i] for i in idx]
+        steps = [state_steps[i] for i in idx]
+        keep = None if found_inf is None else found_inf.to(device).reshape(()) == 0
+        if keep is not None:
+            g = [torch.where(keep, t, 0.0) for t in g]  # a skipped step sees zero gradients (0 * NaN would be NaN)
+        half = dtype in _HALF
         if half:
-            p.copy_(w)
+            g = [t.float() for t in g]
+        w = [t.float() for t in p] if half else p
+        before = [t.clone() for t in w] if diagnostics is not None else None
+        torch._foreach_add_(steps, 1.0 if keep is None else keep.float())  # t <- t + 1
+        if weight_decay != 0:
+            _foreach_scale_(w, 1 - lr * weight_decay, keep)
+        if keep is None:
+            torch._foreach_lerp_(m, g, 1 - beta1)
+            torch._foreach_mul_(v, beta2)
+        else:  # a skipped step: weight 0 and factor 1 leave m and v bit for bit (g is 0 there)
+            torch._foreach_lerp_(m, g, [_select(keep, 1 - beta1, 0.0, m[0].dtype)] * len(m))
+            torch._foreach_mul_(v, _select(keep, beta2, 1.0, v[0].dtype))
+        torch._foreach_addcmul_(v, g, g, value=1 - beta2)
+        if lr == 0:  # nothing to add (and no division by lr below)
+            _finish_adamw(p, w, before, half, diagnostics)
+            continue
+        # W += m / ((sqrt(v) / sqrt(bc2) + eps) / s) with s = -lr / bc1, as sqrt(v) * a + b: 4 passes, as torch's
+        # foreach AdamW. a and b come from the step counts stacked into one vector (a handful of ops whatever the
+        # number of params), t at least 1 so that a skipped first step divides by no zero.
+        t = torch.stack(steps).clamp_(min=1.0)
+        if dtype == torch.float64:
+            t = t.double()  # float64 params: float64 bias corrections
+        bc1 = torch.pow(beta1, t).sub_(1.0)  # beta1^t - 1 = -(1 - beta1^t)
+        bc2 = torch.pow(beta2, t).neg_().add_(1.0).sqrt_()  # sqrt(1 - beta2^t)
+        a = bc1.div(bc2).div_(lr)  # a = 1 / (sqrt(bc2) s)
+        b = bc1.mul_(eps / lr)  # b = eps / s
+        if keep is not None:  # a skipped step: denominator -inf, update -0
+            a = torch.where(keep, a, 0.0)
+            b = torch.where(keep, b, -math.inf)
+        denom = torch._foreach_sqrt(v)
+        torch._foreach_mul_(denom, a.unbind())
+        torch._foreach_add_(denom, b.unbind())
+        torch._foreach_addcdiv_(w, m, denom)
+        _finish_adamw(p, w, before, half, diagnostics)
+
+
+# On the CPU a `torch._foreach_*` op is a loop over its tensors: each of the ~8 passes of the AdamW update would sweep
+# every param before the next pass starts, evicting the caches between them. The lists are cut into runs of at most
+# this many entries (1 MiB of float32 per state tensor, each run at least one param), so that small params still share
+# ops and a large one stays in cache across the passes (same cache rule as MAX_BATCH_ELEMENTS_PER_THREAD).
+ADAMW_CPU_CHUNK_ELEMENTS = 2**18
+
+
+def _cache_chunks(idx: list[int], params: list[torch.Tensor]) -> list[list[int]]:
+    chunks: list[list[int]] = []
+    size = 0
+    for i in idx:
+        n = params[i].numel()
+        if not chunks or size + n > ADAMW_CPU_CHUNK_ELEMENTS:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(i)
+        size += n
+    return chunks
+
+
+def _finish_adamw(
+    p: list[torch.Tensor],
+    w: list[torch.Tensor],
+    before: list[torch.Tensor] | None,
+    half: bool,
+    diagnostics: dict[str, list[torch.Tensor]] | None,
+) -> None:
+    """The update RMS diagnostics, and the float32 work copies of half-precision params rounded back into them."""
+    if before is not None and diagnostics is not None:
+        for after, prev in zip(w, before, strict=True):
+            diagnostics["update_rms"].append((after - prev).float().square().mean().sqrt().reshape(1))
+    if half:
+        torch._foreach_copy_(p, w)

@@ -175,9 +175,9 @@ class RootReference(Optimizer):
             B = U
 
         K = group["ns_steps"]
-        if K == 0:
-            return B
         X = B / (torch.linalg.matrix_norm(B) + group["eps"])
+        if K == 0:
+            return X  # X_K = X_0: the normalized (clipped) momentum, as orthogonalize(ns_steps=0)
         transposed = X.shape[0] > X.shape[1]
         if transposed:
             X = X.T

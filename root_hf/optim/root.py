@@ -9,6 +9,7 @@ tensor code.
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections import defaultdict
 from collections.abc import Callable
 from typing import Any, Literal
@@ -156,8 +157,14 @@ class ROOT(Optimizer):
         ns_method: form of the Newton-Schulz iteration: `"standard"`, `"gram"` (the same steps run on the
             $k \times k$ Gram matrix, $k = \min(m, n)$: fewer FLOPs on rectangular matrices) or `"auto"` (per matrix
             shape and dtype, the cheaper one by a measured rule: `root_hf.optim.newton_schulz.select_ns_method`).
-        nonfinite_grads: what a step does when a gradient holds inf or NaN: `"raise"` a `FloatingPointError`, `"skip"`
-            the whole step with a warning (nothing changes), or `"ignore"` (no check, saves one device sync per step).
+        nonfinite_grads: what a step does when a gradient holds inf or NaN: `"raise"` a `FloatingPointError` or
+            `"skip"` the step with a warning (in both, the step changes nothing), or `"ignore"` (no check). The check
+            never makes the host wait for the device: the flag is computed on the device (as the `found_inf` of
+            `torch.optim`'s fused optimizers), a step with the flag set changes no parameter and no state, decided
+            there, and the host learns of it through a non-blocking copy. On the CPU (where nothing waits) the error or
+            warning comes from the step that saw the gradient; on an accelerator from the first `step()` after the
+            device has finished that step, usually the next one (the skipped step itself is never applied). See
+            docs/algorithm.md, "Non-finite gradients".
         process_group: DDP work split. None: off, every rank computes everything (always correct). `"default"`
             (torch.distributed's default group) or a `ProcessGroup`: each matrix is clipped and orthogonalized by one
             rank and the results are all-gathered; only correct when the gradients are identical on all ranks (DDP).
@@ -222,9 +229,15 @@ class ROOT(Optimizer):
         # Forms picked by ns_method="auto": (m, n, ns_steps, NS dtype, device type) -> "standard" | "gram"; filled
         # when params are added (the functional step falls back on select_ns_method's cache for a missing key).
         self._ns_methods: dict[tuple[int, int, int, torch.dtype, str], str] = {}
-        # ndim of every param when its group was added, by position: a use_root=None group keeps each param's branch
-        # even if a framework later swaps in flattened 1-D shards (FSDP1, ZeRO), which must raise, not fall to AdamW.
-        self._added_ndims: list[list[int]] = []
+        # ndim of every param when its group was added, by the param itself (not its position: deleting a group must
+        # not move a matrix to AdamW): a use_root=None group keeps each param's branch even if a framework later swaps
+        # in flattened 1-D shards (FSDP1, ZeRO), which must raise, not fall to AdamW.
+        # id(param) -> (weak reference to it, ndim); a weak-keyed dict would compare tensors with `==`. A tensor
+        # swapped in later (a flat shard) is unknown there and takes the ndim recorded at its position in its group:
+        # id(group) -> (group, ndims).
+        self._added_ndims: dict[int, tuple[weakref.ref, int]] = {}
+        self._group_ndims: dict[int, tuple[dict[str, Any], list[int]]] = {}
+        self._init_nonfinite_report()
         defaults = dict(
             DEFAULTS,
             lr=lr,
@@ -308,7 +321,7 @@ class ROOT(Optimizer):
         super().add_param_group(param_group)
         validate_group(self.param_groups[-1])  # normalizes in place; cannot fail after the trial above
         self._commit_schedules(needed)
-        self._added_ndims.append([p.dim() for p in self.param_groups[-1]["params"]])
+        self._remember_group(self.param_groups[-1], [p.dim() for p in self.param_groups[-1]["params"]])
 
     # -- pickling ----------------------------------------------------------------------------------------------------
 
@@ -327,7 +340,9 @@ class ROOT(Optimizer):
             process_group=group,
             collect_diagnostics=self.collect_diagnostics,
             _schedules=self._schedules,
-            _added_ndims=self._added_ndims,
+            _added_ndims=[
+                [self._added_ndim(g, i, p) or p.dim() for i, p in enumerate(g["params"])] for g in self.param_groups
+            ],
         )
         return state
 
@@ -339,8 +354,34 @@ class ROOT(Optimizer):
         self.__dict__.setdefault("last_diagnostics", {})
         self.__dict__.setdefault("_schedules", {})
         self.__dict__.setdefault("_ns_methods", {})
-        if "_added_ndims" not in self.__dict__:
-            self._added_ndims = [[p.dim() for p in g["params"]] for g in self.param_groups]
+        ndims = self.__dict__.get("_added_ndims")
+        if isinstance(ndims, dict):  # load_state_dict: new group dicts, the same params at the same positions
+            self._group_ndims = {}
+            for g in self.param_groups:
+                self._remember_group(g, [self._added_ndim(None, 0, p) or p.dim() for p in g["params"]])
+        else:  # unpickled: saved by position (see __getstate__), or absent (older pickles)
+            self._added_ndims, self._group_ndims = {}, {}
+            for gi, g in enumerate(self.param_groups):
+                saved = ndims[gi] if ndims is not None and gi < len(ndims) else []
+                self._remember_group(g, [saved[i] if i < len(saved) else p.dim() for i, p in enumerate(g["params"])])
+        if "_nonfinite_seen" not in self.__dict__:
+            self._init_nonfinite_report()
+
+    def _remember_group(self, group: dict[str, Any], ndims: list[int]) -> None:
+        self._group_ndims[id(group)] = (group, list(ndims))
+        for p, ndim in zip(group["params"], ndims, strict=True):
+            self._added_ndims[id(p)] = (weakref.ref(p), ndim)
+
+    def _added_ndim(self, group: dict[str, Any] | None, index: int, p: torch.Tensor) -> int | None:
+        """ndim of `p` when its group was added; for a tensor swapped in since, the ndim recorded at its position in
+        `group`; None if unknown."""
+        entry = self._added_ndims.get(id(p))
+        if entry is not None and entry[0]() is p:
+            return entry[1]
+        by_group = self._group_ndims.get(id(group)) if group is not None else None
+        if by_group is not None and by_group[0] is group and index < len(by_group[1]):
+            return by_group[1][index]
+        return None
 
     # -- loading -----------------------------------------------------------------------------------------------------
 
@@ -449,35 +490,89 @@ class ROOT(Optimizer):
     def distributed_strategy(self) -> str:
         """How the ROOT branch runs: `"single"` (every rank computes everything), `"ddp"` (owner split over
         `process_group`) or `"fsdp2"` (DTensor params: whole matrices gathered to owner ranks over their mesh)."""
-        params = [p for g, i, p in self._params() if _on_root(g, p, self._ndim(g, i, p))]
+        params = [
+            p
+            for g in self.param_groups
+            for i, p in enumerate(g["params"])
+            if _on_root(g, p, self._added_ndim(g, i, p))
+        ]
         return plan_for(params, self.process_group).mode
 
-    def _params(self) -> list[tuple[dict[str, Any], int, torch.Tensor]]:
-        return [(g, i, p) for g in self.param_groups for i, p in enumerate(g["params"])]
-
-    def _ndim(self, group: dict[str, Any], index: int, p: torch.Tensor) -> int:
-        """ndim of the param at this position when its group was added (its current ndim if unknown)."""
-        for gi, g in enumerate(self.param_groups):
-            if g is group:
-                ndims = self._added_ndims[gi] if gi < len(self._added_ndims) else []
-                return ndims[index] if index < len(ndims) else p.dim()
-        return p.dim()
-
-    def _grads_finite(self) -> bool:
-        """True if every gradient is finite; under FSDP2 the answer is agreed over the mesh (shards differ).
+    def _found_inf(self, with_grad: list[torch.Tensor]) -> torch.Tensor | None:
+        """A float32 scalar on the first gradient's device: 1 if any gradient holds inf or NaN, else 0; under FSDP2
+        agreed over the mesh (shards differ). Computed on the device: nothing here waits for it.
 
         The check is the min and max of each gradient (`torch.aminmax`, one vectorized pass; NaN propagates into
         both): it cannot overflow on finite values, unlike a norm or a sum. The infinity norm gives the same answer at
         9x the cost on CPU (77 ms vs 8 ms for the 42 hidden-matrix gradients of 6 SmolLM2-135M layers, 1 thread).
         """
-        with_grad = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
-        local = [local_tensor(p.grad) for p in with_grad]
-        ends = [torch.stack(torch.aminmax(g)).float() for g in local if g.numel() > 0]
-        finite = bool(torch.isfinite(torch.cat([t.to(ends[0].device) for t in ends])).all()) if ends else True
+        by_device: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
+        for p in with_grad:
+            g = local_tensor(p.grad)
+            if g.numel() > 0:
+                by_device[g.device].append(g)
+        if not by_device:
+            return None
+        flags = []
+        for grads in by_device.values():
+            ends = torch.stack([x.float() for g in grads for x in torch.aminmax(g)])
+            flags.append(torch.isfinite(ends).all().logical_not())
+        first = flags[0].device
+        found = (flags[0] if len(flags) == 1 else torch.stack([f.to(first) for f in flags]).any()).float()
         sharded = [p for p in with_grad if local_tensor(p) is not p]
         if sharded:
-            finite = plan_for(sharded[:1]).all_true(finite, local_tensor(sharded[0].grad).device)
-        return finite
+            found = plan_for(sharded[:1]).any_(found).float()  # agreed over the mesh, on the device
+        return found
+
+    # -- non-finite report: the device's flag reaches the host without the host waiting for it -------------------
+
+    # Where the flag lives on the CPU, the step reads it at once and skips the work of a non-finite step; True runs the
+    # accelerator path there too (the step gated on the device, reported from host memory): the tests use it.
+    _gate_on_device = False
+
+    def _init_nonfinite_report(self) -> None:
+        self._nonfinite_total: torch.Tensor | None = None  # skipped steps so far, on the device
+        self._nonfinite_tensor: torch.Tensor | None = None  # the (pinned) host copy of that count
+        self._nonfinite_host: Any = None  # a NumPy view of it
+        self._nonfinite_event: Any = None  # CUDA event recorded after the copy; None: the copy is complete
+        self._nonfinite_seen = 0  # skipped steps already raised or warned about
+
+    def _record_nonfinite(self, found_inf: torch.Tensor) -> None:
+        """Add this step's flag to the device count and start its copy to the host (non-blocking on CUDA)."""
+        device = found_inf.device
+        if self._nonfinite_total is None or self._nonfinite_total.device != device:
+            self._nonfinite_total = torch.full((1,), float(self._nonfinite_seen), device=device)
+            host = torch.zeros(1, dtype=torch.float32, pin_memory=device.type == "cuda")
+            self._nonfinite_host = host.numpy()  # read later as a host array: never a device wait
+            self._nonfinite_tensor = host
+        self._nonfinite_total.add_(found_inf)
+        cuda = device.type == "cuda"
+        self._nonfinite_tensor.copy_(self._nonfinite_total, non_blocking=cuda)
+        if cuda:
+            self._nonfinite_event = torch.cuda.Event()
+            self._nonfinite_event.record()
+
+    def _report_nonfinite(self, stacklevel: int = 3) -> bool:
+        """Raise or warn for the skipped steps the host knows of; never waits: a copy still under way is read later.
+        Returns True if there were any (mode "skip")."""
+        if self._nonfinite_host is None or (self._nonfinite_event is not None and not self._nonfinite_event.query()):
+            return False
+        total = int(self._nonfinite_host[0])
+        if total <= self._nonfinite_seen:
+            return False
+        new, self._nonfinite_seen = total - self._nonfinite_seen, total
+        if self.nonfinite_grads == "raise":
+            raise FloatingPointError(
+                "ROOT.step() received a non-finite gradient (inf or NaN); no parameter or state was changed by that "
+                "step. Lower the learning rate, use gradient clipping or a GradScaler (which skips such steps), or "
+                "skip these steps with a warning: ROOT(..., nonfinite_grads='skip'), or with the Hugging Face Trainer "
+                'optim_args="nonfinite_grads=skip".'
+            )
+        if self.nonfinite_grads == "skip":
+            warnings.warn(
+                f"ROOT skipped {new} step(s) with a non-finite gradient; nothing was changed.", stacklevel=stacklevel
+            )
+        return True
 
     def _root_state(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
         bufs = []
@@ -487,6 +582,10 @@ class ROOT(Optimizer):
                 state["momentum_buffer"] = torch.zeros_like(
                     p, dtype=_state_dtype(p), memory_format=torch.contiguous_format
                 )
+            elif not local_tensor(state["momentum_buffer"]).is_contiguous():
+                # as loaded from a checkpoint saved in another memory format: made contiguous once, so that the
+                # step's batch views are views of it, not copies
+                state["momentum_buffer"] = state["momentum_buffer"].contiguous()
             bufs.append(state["momentum_buffer"])
         return bufs
 
@@ -494,13 +593,17 @@ class ROOT(Optimizer):
         exp_avgs, exp_avg_sqs, steps = [], [], []
         for p in params:
             state = self.state[p]
+            device = local_tensor(p).device
             if "step" not in state:
-                # float32 scalar tensor, as torch.optim.AdamW, so state dicts look the same.
-                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                # float32 scalar tensor, as torch.optim.AdamW, on the param's device (as its capturable=True): the
+                # bias corrections are computed there, so the step never reads it back to the host.
+                state["step"] = torch.zeros((), dtype=torch.float32, device=device)
                 state["exp_avg"] = torch.zeros_like(p, dtype=_state_dtype(p))
                 state["exp_avg_sq"] = torch.zeros_like(p, dtype=_state_dtype(p))
             elif not torch.is_tensor(state["step"]):
-                state["step"] = torch.tensor(float(state["step"]), dtype=torch.float32)
+                state["step"] = torch.tensor(float(state["step"]), dtype=torch.float32, device=device)
+            elif state["step"].device != device or state["step"].dtype != torch.float32:
+                state["step"] = state["step"].to(device=device, dtype=torch.float32)  # once, e.g. after a CPU load
             exp_avgs.append(local_tensor(state["exp_avg"]))
             exp_avg_sqs.append(local_tensor(state["exp_avg_sq"]))
             steps.append(state["step"])
@@ -517,28 +620,19 @@ class ROOT(Optimizer):
             The closure's loss, or None.
 
         Raises:
-            FloatingPointError: for a non-finite gradient with `nonfinite_grads="raise"` (nothing is changed).
+            FloatingPointError: with `nonfinite_grads="raise"`, for a non-finite gradient of this step (CPU) or of an
+                earlier one whose flag has reached the host (accelerators); that step changed nothing.
             ValueError: for sparse gradients, complex params, or a param of fewer than 2 dims on the ROOT branch.
         """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self.nonfinite_grads != "ignore" and not self._grads_finite():
-            if self.nonfinite_grads == "raise":
-                raise FloatingPointError(
-                    "ROOT.step() received a non-finite gradient (inf or NaN); no parameter or state was changed. "
-                    "Lower the learning rate, use gradient clipping or a GradScaler (which skips such steps), or skip "
-                    "these steps with a warning: ROOT(..., nonfinite_grads='skip'), or with the Hugging Face Trainer "
-                    'optim_args="nonfinite_grads=skip".'
-                )
-            warnings.warn("ROOT skipped a step with a non-finite gradient; nothing was changed.", stacklevel=2)
-            return loss
-        collect = self.collect_diagnostics
-        diag: dict[str, dict[str, list[torch.Tensor]]] = {"root": defaultdict(list), "adamw": defaultdict(list)}
-        root_params: list[torch.Tensor] = []
-        for gi, group in enumerate(self.param_groups):
-            ndims = self._added_ndims[gi] if gi < len(self._added_ndims) else []
+        check = self.nonfinite_grads != "ignore"
+        if check:
+            self._report_nonfinite()  # an earlier step's non-finite gradient, if the host has learned of it by now
+        plans: list[tuple[dict[str, Any], list[torch.Tensor], list[torch.Tensor]]] = []
+        for group in self.param_groups:
             on_root: list[torch.Tensor] = []
             on_adamw: list[torch.Tensor] = []
             for i, p in enumerate(group["params"]):
@@ -546,7 +640,20 @@ class ROOT(Optimizer):
                     continue
                 if p.grad.is_sparse or torch.is_complex(p):
                     raise ValueError("ROOT does not support sparse gradients or complex parameters.")
-                (on_root if _on_root(group, p, ndims[i] if i < len(ndims) else None) else on_adamw).append(p)
+                (on_root if _on_root(group, p, self._added_ndim(group, i, p)) else on_adamw).append(p)
+            plans.append((group, on_root, on_adamw))
+        found_inf = self._found_inf([p for _, r, a in plans for p in (*r, *a)]) if check else None
+        if found_inf is not None and found_inf.device.type == "cpu" and not self._gate_on_device:
+            # CPU params: the host is the device, the flag is known at once and free to read (from host memory):
+            # a non-finite step returns before any work, and a finite one runs ungated (no selects).
+            self._record_nonfinite(found_inf)
+            if self._report_nonfinite():
+                return loss  # "skip" (warned); "raise" has raised
+            found_inf = None
+        collect = self.collect_diagnostics
+        diag: dict[str, dict[str, list[torch.Tensor]]] = {"root": defaultdict(list), "adamw": defaultdict(list)}
+        root_params: list[torch.Tensor] = []
+        for group, on_root, on_adamw in plans:
             if on_root:
                 root_params += on_root
                 root(
@@ -560,6 +667,7 @@ class ROOT(Optimizer):
                     ns_methods=self._ns_methods,
                     diagnostics=diag["root"] if collect else None,
                     process_group=self.process_group,
+                    found_inf=found_inf,
                 )
             if on_adamw:
                 exp_avgs, exp_avg_sqs, steps = self._adamw_state(on_adamw)
@@ -576,7 +684,11 @@ class ROOT(Optimizer):
                     eps=group["adamw_eps"],
                     weight_decay=group["weight_decay"],
                     diagnostics=diag["adamw"] if collect else None,
+                    found_inf=found_inf,
                 )
+        if found_inf is not None:
+            self._record_nonfinite(found_inf)
+            self._report_nonfinite()  # at once where the copy is complete; else at a later step
         if collect:
             self.last_diagnostics = self._summarize(diag, root_params)
         return loss
@@ -588,7 +700,7 @@ class ROOT(Optimizer):
         for k, name in enumerate(_ROOT_DIAGNOSTICS):
             values = diag["root"].get(name)
             if values:
-                flat = torch.cat([v.double().cpu().reshape(-1) for v in values])
+                flat = torch.cat([v.cpu().double().reshape(-1) for v in values])  # no float64 on MPS: cast on the host
                 sums[2 * k], sums[2 * k + 1] = flat.sum(), flat.numel()
         plan = plan_for(root_params, self.process_group) if root_params else None
         if plan is not None and plan.group is not None:

@@ -35,7 +35,7 @@ def test_ddp_splits_the_work_and_matches_single_process(tmp_path):
         assert_equal(p0, p1)
 
     # Steps 2 and 3 make no host sync in the owner split (owners and offsets cached per layout).
-    assert [r["syncs_in_distributed_py"] for r in ranks] == [[], []]
+    assert [r["steady_step_syncs"] for r in ranks] == [[], []]
 
     # Each rank orthogonalized only its share: 4 matrices x 3 steps in total, none twice.
     counts = [r["matrices"] for r in ranks]

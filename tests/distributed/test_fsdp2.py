@@ -25,7 +25,7 @@ def test_three_sharded_steps_equal_the_dense_run(result):
 
 def test_steady_steps_make_no_host_sync_in_the_distributed_path(result):
     # row counts and owners come from the cached layout, not from an exchange + .tolist() every step
-    assert result["syncs_in_distributed_py"] == []
+    assert result["steady_step_syncs"] == []
 
 
 def test_uneven_shards_are_exercised(result):

@@ -41,11 +41,10 @@ def test_dcp_round_trip_resumes_bitwise(ranks, case):
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_steady_steps_make_no_host_sync_in_the_distributed_path(ranks, case):
-    # Steps 2 and 3, filtered to distributed.py; `all_true` is the non-finite check's agreement over the mesh, called
-    # by ROOT.step() with a Python bool (issue 21 makes that check device-side; tighten this filter after it).
+def test_steady_steps_make_no_host_sync(ranks, case):
+    # Steps 2 and 3: every host sync inside step() counts (the non-finite check is agreed over the mesh on the device).
     for r in ranks:
-        assert [s for s in r[case]["syncs_in_distributed_py"] if "(all_true)" not in s] == []
+        assert r[case]["steady_step_syncs"] == []
 
 
 @pytest.mark.parametrize("case", CASES)

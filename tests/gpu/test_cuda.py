@@ -164,3 +164,71 @@ def test_tiny_bf16_trainer_run_with_optim_root(tmp_path):
     assert next(model.parameters()).is_cuda
     q = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(dict(model.named_parameters())[q].detach(), before[q])
+
+
+# -- issue 21: a steady step never waits for the GPU -----------------------------------------------------------------
+
+
+def _cuda_groups(model: str) -> list[dict]:
+    from tests.optim.test_sync_free_step import MODELS
+
+    groups = MODELS[model]()
+    for group in groups:
+        group["params"] = [torch.nn.Parameter(p.detach().cuda()) for p in group["params"]]
+    return groups
+
+
+@pytest.mark.parametrize("mode", ["raise", "skip", "ignore"])
+@pytest.mark.parametrize("model", ["linear", "conv", "experts", "split", "bf16", "big"])
+def test_steady_cuda_step_runs_under_sync_debug_mode_error(model, mode):
+    """Steps 2 and 3 under `torch.cuda.set_sync_debug_mode("error")`: any host sync raises."""
+    from tests.optim.test_sync_free_step import _grads
+
+    groups = _cuda_groups(model)
+    opt = ROOT(groups, lr=0.01, weight_decay=0.1, nonfinite_grads=mode, ns_coefficients="muon")
+    _grads(groups, 0)
+    opt.step()
+    torch.cuda.synchronize()
+    for step in (1, 2):
+        _grads(groups, step)  # built before the debug mode: the CPU -> GPU copies of test data are not the step's
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            opt.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert all(torch.isfinite(p).all() for g in groups for p in g["params"])
+
+
+def test_nonfinite_cuda_step_changes_nothing_and_raises_at_a_later_step():
+    from tests.optim.test_sync_free_step import _grads
+
+    groups = _cuda_groups("experts") + _cuda_groups("linear")
+    opt = ROOT(groups, lr=0.01, weight_decay=0.1)
+    _grads(groups, 0)
+    opt.step()
+    before = [p.detach().clone() for g in groups for p in g["params"]]
+    _grads(groups, 1, nonfinite=True)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        opt.step()  # gated on the device; the flag's copy to the host is still under way or just done
+    except FloatingPointError:
+        pass  # the copy had completed already: raised in the same step, also fine
+    else:
+        torch.cuda.synchronize()
+        _grads(groups, 2)
+        with pytest.raises(FloatingPointError, match="non-finite"):
+            opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    after = [p.detach() for g in groups for p in g["params"]]
+    assert all(torch.equal(a, b) for a, b in zip(after, before, strict=True))
+
+
+def test_cuda_batch_cap_is_bounded_by_memory_not_threads():
+    from root_hf.optim.functional import MAX_BATCH_ELEMENTS_PER_THREAD, batch_cap
+
+    cap = batch_cap(torch.device("cuda"))
+    total = torch.cuda.get_device_properties(0).total_memory
+    assert cap > MAX_BATCH_ELEMENTS_PER_THREAD * torch.get_num_threads()
+    assert 64 * 2048 * 2048 <= 4 * cap and cap * 8 < total

@@ -118,12 +118,18 @@ def test_very_sparse_matrix_is_never_clipped_to_zero(placement):
     assert int((u != 0).sum()) == nonzero.numel()
 
 
-def test_sample_without_nonzeros_falls_back_to_the_exact_nonzero_quantile():
-    u = torch.zeros(1, 2048, 2048)
-    sample = set(_sample_indices(u.numel(), QUANTILE_SAMPLE_SIZE, torch.device("cpu")).tolist())
-    idx = torch.tensor([i for i in range(0, u.numel(), 9973) if i not in sample][:50])
-    u.view(-1)[idx] = torch.linspace(1, 50, 50)
-    torch.testing.assert_close(quantile_threshold(u, 0.9), torch.quantile(torch.linspace(1, 50, 50), 0.9).reshape(1))
+def test_sample_without_nonzeros_falls_back_to_the_largest_entry():
+    """Its outliers cannot be told from the sample: no clipping (eps = max |U|), chosen on the device; an all-zero
+    matrix of the same batch keeps eps = 0 and a dense one its sampled quantile."""
+    u = torch.zeros(3, 2048, 2048)
+    sample = set(_sample_indices(2048 * 2048, QUANTILE_SAMPLE_SIZE, torch.device("cpu")).tolist())
+    idx = torch.tensor([i for i in range(0, 2048 * 2048, 9973) if i not in sample][:50])
+    u[0].view(-1)[idx] = -torch.linspace(1, 50, 50)
+    u[2] = torch.randn(2048, 2048, generator=torch.Generator().manual_seed(0))
+    eps = quantile_threshold(u, 0.9)
+    assert eps[0] == 50 and eps[1] == 0
+    dense = u[2].reshape(-1)[_sample_indices(2048 * 2048, QUANTILE_SAMPLE_SIZE, torch.device("cpu"))].abs()
+    torch.testing.assert_close(eps[2], torch.quantile(dense, 0.9))
 
 
 def test_very_sparse_gradient_gives_a_nonzero_root_update():
