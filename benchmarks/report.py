@@ -10,12 +10,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import statistics
 import sys
 from pathlib import Path
 from typing import Any
 
-from root_hf import schedules as coefficients  # the old module name, kept for this file's readers
+from root_hf import schedules
 
 VARIANT_TITLES = {
     "clean": "clean",
@@ -211,14 +212,14 @@ def _shape_notes(study: Any) -> list[str]:
     from benchmarks.harness import default_schedule
 
     shapes = sorted(set(study.shapes()))
-    muon = (coefficients.MUON_COEFFICIENTS,) * 5
+    muon = (schedules.MUON_COEFFICIENTS,) * 5
     names = ["root-paper", default_schedule()]
     lines = [f"Hidden-matrix shapes trained by the matrix branch: {', '.join(f'{m}x{n}' for m, n in shapes)}."]
     for name in dict.fromkeys(names):
-        differ = [f"{m}x{n}" for m, n in shapes if coefficients.get_schedule(name, (m, n), 5) != muon]
+        differ = [f"{m}x{n}" for m, n in shapes if schedules.get_schedule(name, (m, n), 5) != muon]
         lines.append(
             f"`{name}` differs from Muon's fixed triple on {len(differ)} of {len(shapes)} shapes"
-            + (f" ({', '.join(differ)})." if differ else ": on this model it runs Muon's coefficients.")
+            + (f" ({', '.join(differ)})." if differ else ": on this model it runs Muon's schedules.")
         )
     return lines
 
@@ -644,8 +645,19 @@ def render(studies: dict[str, Any], names: tuple[str, ...], docs: Path, speed_js
         "",
     ]
     page = docs / "results.md"
-    page.write_text("\n".join(head + _summary(headlines, speed_head) + body).rstrip() + "\n", encoding="utf-8")
+    kept = _other_studies_sections(page)
+    page.write_text("\n".join(head + _summary(headlines, speed_head) + body).rstrip() + "\n" + kept, encoding="utf-8")
     return page
+
+
+def _other_studies_sections(page: Path) -> str:
+    """The sections other studies generate into the same page (between their `<!-- NAME: start ... -->` and
+    `<!-- NAME: end -->` markers, e.g. `benchmarks/finetune.py`'s), kept when this page is rewritten."""
+    if not page.exists():
+        return ""
+    text = page.read_text(encoding="utf-8")
+    spans = re.finditer(r"\n(<!-- ([\w.]+): start.*?-->.*?<!-- \2: end -->)\n", text, flags=re.S)
+    return "".join("\n" + m.group(1) + "\n" for m in spans)
 
 
 def _description(study: Any) -> dict[str, Any]:
