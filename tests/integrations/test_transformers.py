@@ -208,6 +208,7 @@ OPTIM_ARGS_CASES = [
     ("adjust_lr_fn=none", "root", "adjust_lr_fn", None),
     ("adjust_lr_fn=original", "root", "adjust_lr_fn", "original"),
     ("ns_dtype=float64", "root", "ns_dtype", "float64"),
+    ("ns_method=gram", "root", "ns_method", "gram"),
     ("adamw_beta1=0.7", "adamw", "betas", (0.7, 0.999)),
     ("adamw_beta1=0.7,adamw_beta2=0.95", "adamw", "betas", (0.7, 0.95)),
     ("adamw_eps=1e-5", "adamw", "adamw_eps", 1e-5),
