@@ -72,23 +72,8 @@ FSDP2_SUPPORTED = True
 # The optim_args keys: those of the one hyperparameter table (root_hf.optim.hyperparams) that optim_args may set.
 OPTIM_ARGS: dict[str, Hyperparam] = {name: hp for name, hp in HYPERPARAMS.items() if hp.optim_args}
 
-# Keyword arguments of create_root_optimizer / RootOptimizerFactory beyond ROOT's own.
-_ROOT_KWARGS = (
-    "lr",
-    "weight_decay",
-    "momentum",
-    "nesterov",
-    "clip_quantile",
-    "ns_steps",
-    "ns_coefficients",
-    "eps",
-    "adjust_lr_fn",
-    "ns_dtype",
-    "betas",
-    "adamw_eps",
-    "nonfinite_grads",
-    "process_group",
-)
+# ROOT's own keyword arguments, read from its signature (a second list here missed ns_method when it was added).
+_ROOT_KWARGS = tuple(name for name in inspect.signature(ROOT).parameters if name != "params")
 _EXTRA_KWARGS = (
     "adamw_beta1",
     "adamw_beta2",

@@ -703,3 +703,10 @@ def test_docstring_examples_run(module, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = doctest.testmod(importlib.import_module(f"root_hf.integrations.{module}"), optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_create_root_optimizer_takes_every_root_keyword():
+    """Its keywords derive from ROOT's signature: a new hyperparameter (ns_method) reaches it with no second list."""
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4))
+    optimizer = create_root_optimizer(model, ns_method="gram")
+    assert {g["ns_method"] for g in optimizer.param_groups} == {"gram"}
