@@ -6,6 +6,7 @@ Usage:
     python benchmarks/finetune.py --report-only     # tables, plot and the "N of M runs cached" line from the cache
     python benchmarks/finetune.py --quick           # smoke run: tiny budget, nothing cached in the repository
     python benchmarks/finetune.py --max-runs 10     # train at most 10 missing runs, then the report
+    python benchmarks/finetune.py --jobs 2          # two worker processes (1 thread each) share the plan
     python benchmarks/finetune.py --step-time       # seconds per step of full FT / LoRA (float32, bf16 autocast)
 
 Tasks (every prompt encoded by the recipe's chat encoder, `recipes.assets.encode_chat`, loss on the answer tokens):
@@ -37,17 +38,19 @@ then cosine decay to 0, as the `Trainer`'s `cosine`; weight decay 0, the `Traine
   (0.9, 0.999), eps 1e-8, weight decay 0), otherwise the package defaults (clip 0.90-quantile, `lora_policy`).
 - `ROOT clip off`: as `ROOT` with `clip_quantile=None` (the clip isolated), at ROOT's best lr.
 
-The plan, in the order it trains (most decision-relevant first; `plan_runs`): 1. on the first task (`chat`, the
-recipe's), LoRA then full: the shared lr grid at seed 0 with the optimizers side by side at each lr, each sweep
-extended past an edge where its best lr sits, the clip-off run at ROOT's best lr and the drop-in runs (ROOT at AdamW's
-best lr, which the shared grid holds, and at TRL's default lr 2e-5); 2. the same on the other tasks; 3. seeds 1 and 2
-of every best lr and of the drop-in runs; 4. the noisy variant (20% of the training answers replaced by another
-item's answer) at the clean best lrs, 3 seeds; 5. the too-high-lr probe (every optimizer at 10x its own best lr).
+The plan, in the order it trains (most decision-relevant first; `plan_runs`), one (task, mode) at a time, every task
+with LoRA before any with full fine-tuning, the recipe's task (`chat`) first: 1. the shared lr grid at seed 0 with
+the optimizers side by side at each lr, each sweep extended past an edge where its best lr sits; 2. the clip-off run
+at ROOT's best lr and the drop-in runs (ROOT at AdamW's best lr, which the shared grid holds, and at TRL's default
+lr 2e-5); 3. seeds 1 and 2 of every best lr and of the drop-in runs. Then, over every (task, mode): 4. the noisy
+variant (20% of the training answers replaced by another item's answer) at the clean best lrs, 3 seeds; 5. the
+too-high-lr probe (every optimizer at 10x its own best lr). So a study stopped early leaves whole (task, mode) pairs
+settled rather than every pair at one seed.
 
 Runs are cached one JSON file each under `benchmarks/results/finetune/` (committed), keyed by everything that changes
-them (task data, budget, model, the harness's and this study's versions, ROOT's defaults), so the study accumulates
-across sessions and `--report-only` reproduces every table and plot from the cache. The training loop, the run cache
-and the lr sweep are `benchmarks/harness.py`'s (`train_run`, `Study`, `sweep_lr`).
+them (task data, budget, model, the harness's and this study's versions; ROOT's defaults for ROOT's and Muon's runs
+only), so the study accumulates across sessions and `--report-only` reproduces every table and plot from the cache.
+The training loop, the run cache and the lr sweep are `benchmarks/harness.py`'s (`train_run`, `Study`, `sweep_lr`).
 """
 
 from __future__ import annotations
@@ -153,7 +156,9 @@ class Budget:
     """Everything that defines a run's data and budget (the run key holds all of it)."""
 
     steps: int = 200
-    batch_size: int = 8
+    # 4 x 200 = 800 examples, about one pass over the chat task's training pairs; 8 would double every run's cost
+    # (3.5 s per LoRA step at batch 4 on the development machine, 1 thread: 14 minutes a run).
+    batch_size: int = 4
     max_len: int = 64  # tokens per example (system + question + answer); longer chats are cut
     eval_size: int = 64  # held-out items
     eval_every: int = 50
@@ -169,14 +174,16 @@ class Design:
     """The sweep plan (not part of the run key)."""
 
     lrs: dict[str, tuple[float, ...]] = dataclasses.field(
-        default_factory=lambda: {"full": (1e-5, 3e-5, 1e-4, 3e-4), "lora": (1e-4, 3e-4, 1e-3, 3e-3)}
-    )
+        default_factory=lambda: {"full": (1e-5, 3e-5, 1e-4), "lora": (1e-4, 3e-4, 1e-3)}
+    )  # three points each; a sweep whose best lr is at an edge grows past it (max_extra)
     max_extra: int = 2  # grid points the sweep may add past the edge where the best lr sits
     seeds: tuple[int, ...] = (0, 1, 2)
     wrong_labels: float = 0.2  # the noisy variant: share of training answers replaced by another item's answer
     probe_factor: float = 10.0  # the too-high-lr probe: each optimizer at this multiple of its best lr
     tasks: tuple[str, ...] = ("chat", "arith", "langid")  # in plan order: the recipe's task first
-    modes: tuple[str, ...] = ("lora", "full")  # in plan order: LoRA first (its steps cost a fraction of full FT's)
+    # In plan order, outermost: every task's LoRA before any full fine-tuning (a full ROOT step costs 300x a LoRA one
+    # on CPU: STEP_CPU_S).
+    modes: tuple[str, ...] = ("lora", "full")
 
 
 QUICK_BUDGET = Budget(
@@ -319,7 +326,6 @@ def task_key(task: str, mode: str, budget: Budget, wrong_labels: float) -> dict[
         "data": digest([with_wrong_labels(train, wrong_labels), held]),
         "forget": digest(forget_text()),
         "model": smollm2_path(progress=False).name,
-        "root_defaults": ROOT_DEFAULTS,
         "trainer_adamw": TRAINER_ADAMW,
     }
 
@@ -611,6 +617,10 @@ class FinetuneStudy(Study):
         self.task_name, self.mode, self.variant = task, mode, variant
         self.missing: dict[str, None] = {}  # ordered set: what the plan still needs
 
+    def spec_key(self, spec: dict[str, Any]) -> Any:
+        """A ROOT spec with ROOT's defaults (a changed default retrains ROOT and Muon runs, never AdamW's)."""
+        return {**spec, "root_defaults": ROOT_DEFAULTS} if spec["kind"] == "root" else spec
+
     def get(self, name: str, spec: dict[str, Any], lr: float, seed: int, variant: str = "clean") -> dict | None:
         run = super().get(name, spec, lr, seed, variant)
         if run is None:
@@ -718,12 +728,13 @@ def plan_runs(
             s.get(name, OPTIMIZERS[name], float(f"{lr * design.probe_factor:.3g}"), 0)
 
     try:
-        for task in design.tasks:  # 1-2. sweeps and drop-in, task by task
-            for mode in design.modes:
-                sweeps(task, mode)
-        for phase in (seeds, noisy, probe):  # 3-5.
+        for mode in design.modes:  # 1-3. one (task, mode) at a time: sweeps, drop-in, seeds
             for task in design.tasks:
-                for mode in design.modes:
+                sweeps(task, mode)
+                seeds(task, mode)
+        for phase in (noisy, probe):  # 4-5.
+            for mode in design.modes:
+                for task in design.tasks:
                     phase(task, mode)
     except Budgeted:
         print(f"--max-runs reached after {sum(s.executed for s in studies.values())} trained runs", flush=True)
@@ -1107,6 +1118,31 @@ def write_docs(section: str, page: Path = DOCS) -> None:
     page.write_text(text, encoding="utf-8")
 
 
+def walk(
+    studies: dict[tuple[str, str, str], FinetuneStudy], design: Design, max_runs: int | None, poll_s: float = 30.0
+) -> dict[str, Any]:
+    """`plan_runs` until nothing is left that another worker holds: a walk that skipped claimed runs walks again
+    (after `poll_s` when it trained nothing), since their results decide the sweeps' extensions and best lrs."""
+    while True:
+        before = sum(s.executed for s in studies.values())
+        for s in studies.values():
+            s.claimed_elsewhere = 0
+            s.missing.clear()
+        plan = plan_runs(studies, design, max_runs)
+        if plan["stopped"] or not any(s.claimed_elsewhere for s in studies.values()):
+            return plan
+        if sum(s.executed for s in studies.values()) == before:
+            time.sleep(poll_s)
+
+
+def spawn_worker(argv: list[str] | None) -> Any:
+    """Another process running this study on the same cache (`--jobs`): the same arguments, `--jobs 1 --worker`."""
+    import subprocess
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    return subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *args, "--jobs", "1", "--worker"])
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny budget, no cache written")
@@ -1118,7 +1154,19 @@ def main(argv: list[str] | None = None) -> None:
         "--device", default="cpu", help="torch device of the runs (default: cpu; other devices are cached apart)"
     )
     parser.add_argument("--plot", type=Path, default=None, help="PNG path (default: docs/img/finetune.png)")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="worker processes sharing the plan through the run cache (each run is claimed before it trains; "
+        "each worker uses --threads threads). Default: 1",
+    )
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # a --jobs child: no report
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        raise ValueError(f"Invalid --jobs: {args.jobs}. Must be a positive integer.")
+    if args.jobs > 1 and (args.quick or args.report_only or args.step_time):
+        raise ValueError("--jobs applies to training the study: drop it with --quick, --report-only or --step-time.")
     torch.set_num_threads(args.threads)
     budget, design = (QUICK_BUDGET, QUICK_DESIGN) if args.quick else (Budget(), Design())
     print("benchmarks/finetune.py: fine-tuning SmolLM2-135M-Instruct (full and LoRA) on chat / arith / langid")
@@ -1130,7 +1178,12 @@ def main(argv: list[str] | None = None) -> None:
     results = RESULTS / ("finetune-quick" if args.quick else "finetune")
     studies = make_studies(results, budget, design, args.report_only, write=not args.quick, device=args.device)
     start = time.perf_counter()
-    plan = plan_runs(studies, design, None if args.report_only else args.max_runs)
+    children = [spawn_worker(argv) for _ in range(args.jobs - 1)]
+    plan = walk(studies, design, None if args.report_only else args.max_runs)
+    for child in children:
+        child.wait()
+    if args.worker:
+        return
     if not args.report_only and not plan["stopped"]:
         for s in studies.values():
             s.missing.clear()

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import platform
+import socket
 import statistics
 import sys
 import time
@@ -755,12 +756,13 @@ def sweep_lr(
 ) -> dict[float, dict[str, Any]]:
     """lr -> `run(lr)` over the grid `lrs`, extended one point of the 1-3-10 grid at a time past the edge where the
     best lr sits, up to `max_extra` points within `lr_range`. A one-point grid has no edge and is not extended;
-    `run` returning `None` (a missing run in report-only mode) leaves its lr out."""
+    `run` returning `None` (a missing run in report-only mode, or one another worker is training) leaves its lr out,
+    and the grid is not extended until every point of it has a run."""
     runs = {lr: run(lr) for lr in lrs}
     for _ in range(max_extra):
         done = {lr: r for lr, r in runs.items() if r is not None}
         grid = sorted(runs)
-        if len(grid) < 2 or not done or best_lr(done) not in (grid[0], grid[-1]):
+        if len(grid) < 2 or len(done) < len(runs) or best_lr(done) not in (grid[0], grid[-1]):
             break
         new = grid_step(grid[-1], up=True) if best_lr(done) == grid[-1] else grid_step(grid[0], up=False)
         if not lr_range[0] <= new <= lr_range[1]:
@@ -769,11 +771,52 @@ def sweep_lr(
     return {lr: r for lr, r in sorted(runs.items()) if r is not None}
 
 
+def claim(path: Path) -> bool:
+    """Claim the run `path` for this process (a `.claim` file created exclusively, holding host and pid), so that
+    workers sharing a run cache never train the same run; False when another live process holds it. A claim left by
+    a dead process of this host is taken over."""
+    lock, me = path.with_suffix(".claim"), f"{socket.gethostname()} {os.getpid()}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                host, pid = lock.read_text().split()
+            except (OSError, ValueError):  # being written or removed right now: treat as held
+                return False
+            if host != socket.gethostname() or _alive(int(pid)):
+                return False
+            lock.unlink(missing_ok=True)  # its process is gone
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(me)
+        return True
+    return False
+
+
+def release(path: Path) -> None:
+    """Drop this process's claim on the run `path` (`claim`)."""
+    path.with_suffix(".claim").unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
+
+
 class Study:
     """The runs of one task: loaded from the run cache, else trained (`train_run`) and cached.
 
     Runs are JSON files `directory/<run_key>.json`, written atomically (a temporary file, then `os.replace`), so an
-    interrupted study resumes where it stopped; two names whose specs compute the same thing share one run.
+    interrupted study resumes where it stopped; two names whose specs compute the same thing share one run. Several
+    processes can walk the same study over one cache: each run is claimed (`claim`) before it trains, and a run
+    another worker holds counts in `claimed_elsewhere` and reads as missing for this walk.
 
     Args:
         directory: the run cache folder (`None`: runs kept in memory only).
@@ -801,6 +844,7 @@ class Study:
         self._memory: dict[str, dict[str, Any]] = {}
         self.runs: dict[tuple[str, str, float, int], dict[str, Any]] = {}  # (name, variant, lr, seed) -> run
         self.executed = 0
+        self.claimed_elsewhere = 0  # runs this walk skipped because another worker had claimed them
 
     @property
     def task(self) -> Task:
@@ -827,24 +871,43 @@ class Study:
         if run is None:
             if self.report_only:
                 return None
-            start = time.perf_counter()
-            end = "\n" if self.verbose else ""
-            print(f"  {self.label}{name:<22} {variant:<5} lr={lr:<7g} seed={seed}  ...", end=end, flush=True)
-            run = train_run(self.task, spec, lr, seed, self.noise(variant), log=self.verbose)
-            run.update(name=name, spec=spec, variant=variant, lr=lr, seed=seed, threads=torch.get_num_threads())
-            run.update(load_average_1m=machine_dict()["load_average_1m"], date=time.strftime("%Y-%m-%d %H:%M"))
-            if spec_key is not spec:
-                run["behavior"] = spec_key
             if path is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(".tmp")
-                tmp.write_text(json.dumps(run, default=str))
-                os.replace(tmp, path)
-            self.executed += 1
-            status = run["diverged"] or f"final eval {run['final_eval']:.4f}"
-            print(f"  {status}  ({time.perf_counter() - start:.0f} s)", flush=True)
+                if not claim(path):  # another worker is training it
+                    self.claimed_elsewhere += 1
+                    return None
+                try:
+                    if path.exists():  # finished by another worker since the check above
+                        run = json.loads(path.read_text())
+                    else:
+                        run = self._train(name, spec, spec_key, lr, seed, variant, path)
+                finally:
+                    release(path)
+            else:
+                run = self._train(name, spec, spec_key, lr, seed, variant, path)
         self._memory[key] = run
         self.runs[(name, variant, lr, seed)] = run
+        return run
+
+    def _train(
+        self, name: str, spec: dict[str, Any], spec_key: Any, lr: float, seed: int, variant: str, path: Path | None
+    ) -> dict[str, Any]:
+        """Train one run, write it to `path` (atomically) and return it."""
+        start = time.perf_counter()
+        end = "\n" if self.verbose else ""
+        print(f"  {self.label}{name:<22} {variant:<5} lr={lr:<7g} seed={seed}  ...", end=end, flush=True)
+        run = train_run(self.task, spec, lr, seed, self.noise(variant), log=self.verbose)
+        run.update(name=name, spec=spec, variant=variant, lr=lr, seed=seed, threads=torch.get_num_threads())
+        run.update(load_average_1m=machine_dict()["load_average_1m"], date=time.strftime("%Y-%m-%d %H:%M"))
+        if spec_key is not spec:
+            run["behavior"] = spec_key
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(run, default=str))
+            os.replace(tmp, path)
+        self.executed += 1
+        status = run["diverged"] or f"final eval {run['final_eval']:.4f}"
+        print(f"  {status}  ({time.perf_counter() - start:.0f} s)", flush=True)
         return run
 
     def tune(
