@@ -45,6 +45,9 @@ ISSUE_SHAPES = [(2048, 8192), (8192, 2048), (576, 1536), (1536, 576), (192, 576)
 LLAMA_32_1B = {"hidden": 2048, "intermediate": 8192, "heads": 32, "kv_heads": 8, "head_dim": 64}
 LLAMA_31_8B = {"hidden": 4096, "intermediate": 14336, "heads": 32, "kv_heads": 8, "head_dim": 128}
 QUICK_SHAPES = [(576, 1536), (1536, 576), (192, 576), (576, 576), (64, 2048), (16, 4096)]
+# Without native bf16 matmul (about 1 GFLOP/s emulated on the 2-core AMD EPYC, 2026-12-07) the SmolLM2 shapes made
+# --quick take 125 s; these keep a wide, a tall, a square and a very wide case.
+QUICK_SHAPES_EMULATED_BF16 = [(192, 576), (576, 192), (128, 128), (16, 4096)]
 # Errors need a float64 SVD: taken up to 2^35 multiply-adds per k^2 K product (2048 x 8192), nan above.
 ERROR_LIMIT = 2**35
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -210,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (timed with torch.cuda.synchronize)")
     parser.add_argument("--save", nargs="?", const=str(RESULTS / "gram.json"), default=None)
     args = parser.parse_args(argv)
-    shapes = args.shapes or (QUICK_SHAPES if args.quick else default_shapes())
+    quick_shapes = QUICK_SHAPES if ns.cpu_has_native_bf16() else QUICK_SHAPES_EMULATED_BF16
+    shapes = args.shapes or (quick_shapes if args.quick else default_shapes())
     print(machine_info())
     print(f"load: {machine_dict()['load_average_1m']}")
     result: dict[str, Any] = {"machine": machine_dict()}

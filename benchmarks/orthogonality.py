@@ -21,7 +21,7 @@ float64 Gram matrix: eigenvalues for small sides, block power / inverse iteratio
 fp32 on the largest shapes (``min^2 * max`` above ``--fp32-matrix-limit``): a float32 run costs about a minute per
 matrix on a 2-core CPU, so those rows (marked ``*``) give the exact-arithmetic value, the composed polynomial on the
 float64 spectrum; the benchmark prints how far that is from real float32 runs on the shapes where it runs both.
-``--quick`` keeps the shapes with ``min^2 * max <= 2^33`` (about 2 minutes on 2 cores; 2^29 on CPUs without native
+``--quick`` keeps the shapes with ``min^2 * max <= 2^33`` (about 2 minutes on 2 cores; 2^26 on CPUs without native
 bfloat16 matmul). Not a test: it prints figures.
 """
 
@@ -63,8 +63,9 @@ SHAPE_SETS = {
     "llama-3.2-1b": ((2048, 2048), (512, 2048), (8192, 2048), (2048, 8192)),
 }
 # --quick: shapes up to this k^2 K (about 2 minutes on 2 Xeon cores with AMX). Without native bf16 matmul the bf16
-# rows are emulated (about 1 GFLOP/s on a 2-core AMD EPYC, measured): there the SmolLM2-135M shapes only.
-QUICK_LIMIT = 2**33 if cpu_has_native_bf16() else 2**29
+# rows are emulated (about 1 GFLOP/s on a 2-core AMD EPYC, measured; 2^29, SmolLM2-135M's shapes, took 96 s of a
+# smoke run): there the smallest shapes only.
+QUICK_LIMIT = 2**33 if cpu_has_native_bf16() else 2**26
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "orthogonality.json"
 DEFAULT_PLOT = Path(__file__).resolve().parents[1] / "docs" / "img" / "orthogonality.png"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 from dataclasses import replace
 
 import pytest
@@ -176,3 +177,74 @@ def test_the_plan_caches_every_run_and_the_report_reproduces_it_from_the_cache(t
     again = finetune.make_studies(tmp_path, BUDGET, design, report_only=True, write=True)
     finetune.plan_runs(again, design)
     assert len([m for s in again.values() for m in s.missing]) == 1
+
+
+@needs_smollm2
+def test_a_changed_root_default_retrains_root_and_muon_runs_but_not_adamw(tmp_path, monkeypatch):
+    study = finetune.FinetuneStudy(tmp_path, "arith", "lora", BUDGET)
+    keys = {n: run_key(study.key, study.spec_key(spec), 1e-3, 0) for n, spec in finetune.OPTIMIZERS.items()}
+    monkeypatch.setattr(finetune, "ROOT_DEFAULTS", {**finetune.ROOT_DEFAULTS, "clip_quantile": 0.5})
+    again = finetune.FinetuneStudy(tmp_path, "arith", "lora", BUDGET)
+    changed = {
+        n for n, spec in finetune.OPTIMIZERS.items() if run_key(again.key, again.spec_key(spec), 1e-3, 0) != keys[n]
+    }
+    assert changed == {"Muon", "ROOT", "ROOT clip off"}
+
+
+@needs_smollm2
+def test_the_plan_settles_one_task_and_mode_before_starting_the_next(tmp_path, monkeypatch):
+    from benchmarks import harness
+
+    order = []
+
+    def recording_run(task, spec, lr, seed, noise=None, log=False):
+        order.append(task)
+        return fake_run(task, spec, lr, seed, noise, log)
+
+    monkeypatch.setattr(harness, "train_run", recording_run)
+    design = finetune.Design(
+        lrs={"full": (1e-4, 3e-4, 1e-3), "lora": (1e-4, 3e-4, 1e-3)}, seeds=(0, 1), tasks=("arith", "langid")
+    )
+    studies = finetune.make_studies(tmp_path, BUDGET, design, report_only=False, write=True)
+    for (task, mode, variant), s in studies.items():
+        s._make_task = lambda label=(task, mode, variant): label
+    finetune.plan_runs(studies, design)
+    cells = [label[:2] for label in order if label[2] == "clean"]
+    first = [c for i, c in enumerate(cells) if c not in cells[:i]]  # the cells in the order they start
+    assert first == [("arith", "lora"), ("langid", "lora"), ("arith", "full"), ("langid", "full")]
+    # every clean run of a cell (sweeps, drop-in, seeds) before the next cell's first one; then the probe (phase 5:
+    # each cell's 4 optimizers at 10x their best lr) after every cell
+    probe_start = len(cells) - 4 * len(first)
+    runs_of_cells = [c for i, c in enumerate(cells[:probe_start]) if i == 0 or c != cells[i - 1]]
+    assert runs_of_cells == first
+    assert cells[probe_start:] == [c for c in first for _ in range(4)]
+
+
+@needs_smollm2
+def test_walk_waits_for_runs_another_worker_holds_and_then_uses_them(tmp_path, monkeypatch):
+    import socket
+
+    from benchmarks import harness
+
+    monkeypatch.setattr(harness, "train_run", fake_run)
+    design = finetune.Design(
+        lrs={"full": (1e-4,), "lora": (1e-4, 3e-4, 1e-3)}, seeds=(0,), tasks=("arith",), modes=("lora",)
+    )
+    studies = finetune.make_studies(tmp_path, BUDGET, design, report_only=False, write=True)
+    for s in studies.values():
+        s._make_task = lambda: None
+    clean = studies[("arith", "lora", "clean")]
+    held = tmp_path / f"{run_key(clean.key, clean.spec_key(finetune.OPTIMIZERS['ROOT']), 1e-3, 0)}.claim"
+    held.write_text(f"{socket.gethostname()} {os.getppid()}")  # a live worker trains ROOT at 1e-3
+    waits = []
+
+    def other_worker_finishes(seconds):
+        waits.append(seconds)
+        held.unlink()  # it died before writing: this walk trains the run itself
+
+    monkeypatch.setattr(finetune.time, "sleep", other_worker_finishes)
+    plan = finetune.walk(studies, design, None, poll_s=7.0)
+    assert waits == [7.0]
+    # ROOT's best (fake_run: 3e-3) is past the grid: the sweep extends only once 1e-3 is known
+    assert plan[("arith", "lora")]["best"]["ROOT"] == 3e-3
+    assert not [m for s in studies.values() for m in s.missing]

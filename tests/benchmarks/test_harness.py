@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import ast
 import math
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +21,7 @@ from benchmarks.harness import (
     Study,
     Task,
     best_lr,
+    claim,
     grid_step,
     lr_factor,
     run_key,
@@ -61,6 +66,14 @@ def test_sweep_leaves_out_missing_runs_and_stops_without_any():
     assert sweep_lr(lambda lr: None, (1e-3, 3e-3), max_extra=2) == {}
     sweep = sweep_lr(lambda lr: {"final_eval": 1.0} if lr == 1e-3 else None, (1e-3, 3e-3), max_extra=0)
     assert list(sweep) == [1e-3]
+
+
+def test_sweep_waits_for_every_grid_point_before_extending():
+    # 3e-3 is missing (another worker trains it): 1e-3 looks best at the lower edge, but extending downwards now
+    # could train a point the finished grid would never ask for
+    run, calls = bowl(1e-5)
+    sweep = sweep_lr(lambda lr: None if lr == 3e-3 else run(lr), (1e-3, 3e-3), max_extra=2)
+    assert list(sweep) == [1e-3] and calls == [1e-3]
 
 
 def test_best_lr_counts_diverged_runs_as_worst_and_breaks_ties_to_the_smaller_lr():
@@ -152,6 +165,31 @@ def test_study_caches_runs_by_content_and_reads_them_without_training_in_report_
     assert reader.get("sgd", {"scale": 1.0}, 0.05, seed=1) is None and reader.executed == 0 and len(built) == 1
     tuned = study.tune("sgd", {"scale": 1.0}, (0.01, 0.03), seeds=(0, 1), max_extra=1)
     assert tuned["best_lr"] in tuned["sweep"] and [r["seed"] for r in tuned["runs"]] == [0, 1]
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_a_run_claimed_by_a_live_worker_is_skipped_and_a_dead_workers_claim_taken_over(tmp_path):
+    study = Study(tmp_path, {"task": "linear"}, Linear)
+    path = tmp_path / "probe.json"
+    assert claim(path) and not claim(path)  # held by this process: a second claim fails
+    path.with_suffix(".claim").unlink()
+    # a live process (our parent) holds the run: skipped, counted, nothing trained
+    study.get("probe", {"scale": 1.0}, 0.05, seed=0)  # trains and caches one run to learn its file name
+    cached = next(tmp_path.glob("*.json"))
+    cached.unlink()
+    study._memory.clear()
+    cached.with_suffix(".claim").write_text(f"{socket.gethostname()} {os.getppid()}")
+    assert study.get("probe", {"scale": 1.0}, 0.05, seed=0) is None
+    assert study.claimed_elsewhere == 1 and study.executed == 1 and not cached.exists()
+    # its process is gone: the claim is taken over, the run trained, the claim released
+    cached.with_suffix(".claim").write_text(f"{socket.gethostname()} {_dead_pid()}")
+    assert study.get("probe", {"scale": 1.0}, 0.05, seed=0) is not None
+    assert study.executed == 2 and cached.exists() and not list(tmp_path.glob("*.claim"))
 
 
 def _benchmark_imports(path: Path) -> set[str]:

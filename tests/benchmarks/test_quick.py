@@ -33,9 +33,9 @@ def run_quick(study: str, results: Path) -> subprocess.CompletedProcess:
         "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p),
     }
     cmd = [sys.executable, str(REPO / "benchmarks" / study), "--quick"]
-    # 30 minutes: on a CPU without native bf16 matmul (the 2-core AMD EPYC of stop 19) step_time.py --quick's
-    # bf16 peers are emulated and took more than 15 minutes; elsewhere each study takes seconds to a few minutes.
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+    # Each study's smoke run takes seconds to about a minute (import_time.py: 67 s, the slowest, on the 2-core AMD
+    # EPYC without native bf16 matmul, 2026-12-07); 10 minutes leaves room for a loaded machine.
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
 def test_every_study_is_listed():
