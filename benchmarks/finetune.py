@@ -203,19 +203,21 @@ QUICK_DESIGN = Design(
     lrs={"full": (1e-5,), "lora": (1e-3,)}, max_extra=0, seeds=(0,), tasks=("arith",), modes=("lora",)
 )
 
-# CPU seconds (`time.process_time`, 1 thread) per training step at the default Budget on the 2-core AMD EPYC
-# development machine, 2026-12-07, under a load average of 9-24 (medians of 3 forward + backward on chat batches of
-# 8 x 52-64 tokens; optimizer steps: median of 2, the first one included). Muon's runs take ROOT's code path, so it
-# is given ROOT's figure. Only the CPU estimates printed with the report use them.
+# CPU seconds (`time.process_time`, 1 thread) per training step at the default Budget (batch 4) on the 2-core AMD EPYC
+# development machine, 2026-12-07, chat batches of 4 x 52-64 tokens: full forward + backward and optimizer steps
+# measured directly (median of 3 / the second of 2 steps; load average 2, the study's two workers running); LoRA
+# forward + backward from the study's first runs (median step 4.76-4.78 s with AdamW / Muon). LoRA optimizer steps:
+# at batch 8, 2026-12-07 (they do not depend on the batch). Muon's runs take ROOT's code path, so it is given ROOT's
+# figure. Only the CPU estimates printed with the report use them.
 STEP_CPU_S = {
-    "lora forward+backward": 7.0,
-    "full forward+backward": 9.1,
+    "lora forward+backward": 4.7,
+    "full forward+backward": 5.3,
     "lora optimizer step AdamW": 0.05,
     "lora optimizer step Muon": 0.13,
     "lora optimizer step ROOT": 0.13,
-    "full optimizer step AdamW": 1.4,
-    "full optimizer step Muon": 44.2,
-    "full optimizer step ROOT": 44.2,
+    "full optimizer step AdamW": 1.0,
+    "full optimizer step Muon": 37.5,
+    "full optimizer step ROOT": 37.5,
 }
 
 SWEPT = ("AdamW", "Muon", "ROOT")
