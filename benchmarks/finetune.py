@@ -860,6 +860,36 @@ def settled_pair(
     return True
 
 
+def headline(studies: dict[tuple[str, str, str], FinetuneStudy], plan: dict[str, Any], design: Design) -> list[str]:
+    """One bullet per (task, mode) whose seed-0 sweeps all have their best lr inside the grid: each optimizer's best
+    lr and held-out loss there, and the drop-in run (ROOT at AdamW's best lr), stating how many seeds back it."""
+    out = []
+    for mode in design.modes:
+        for task in design.tasks:
+            entry = plan.get((task, mode))
+            if not entry or any(
+                n not in entry["best"] or entry["best"][n] in (min(entry["sweeps"][n]), max(entry["sweeps"][n]))
+                for n in SWEPT
+            ):
+                continue
+            s, best = studies[(task, mode, "clean")], entry["best"]
+            parts = []
+            for name in SWEPT:
+                runs = _runs(s, name, best[name], design.seeds)
+                parts.append(f"{name} {_row(runs, task)[0]} at lr {best[name]:g}")
+            drop = _runs(s, "ROOT", best["AdamW"], design.seeds)
+            same = (
+                "the same lr as ROOT's own best"
+                if best["AdamW"] == best["ROOT"]
+                else f"ROOT's best is {best['ROOT']:g}"
+            )
+            out.append(
+                f"- **{task}, {mode}**: held-out loss at each optimizer's best lr: " + "; ".join(parts) + ". "
+                f"Drop-in (ROOT at AdamW's best lr {best['AdamW']:g}, {same}): {_row(drop, task)[0]}."
+            )
+    return (["Sweeps finished (best lr inside the grid for AdamW, Muon and ROOT):", "", *out, ""]) if out else []
+
+
 def report(
     studies: dict[tuple[str, str, str], FinetuneStudy],
     plan: dict[str, Any],
@@ -887,6 +917,7 @@ def report(
         )
     )
     lines.append("")
+    lines += headline(studies, plan, design)
     for task in design.tasks:
         for mode in design.modes:
             entry = plan.get((task, mode))
@@ -974,7 +1005,11 @@ def report(
     if plot_path is not None:
         if plot(plan, design, plot_path):
             lines.append("")
-            lines.append(f"Plot: {plot_path.relative_to(REPO) if plot_path.is_relative_to(REPO) else plot_path}")
+            docs = REPO / "docs"
+            if plot_path.is_relative_to(docs):  # the docs page shows it (its path relative to docs/results.md)
+                lines.append(f"![held-out loss against lr, per task and mode]({plot_path.relative_to(docs)})")
+            else:
+                lines.append(f"Plot: {plot_path}")
     return "\n".join(lines)
 
 

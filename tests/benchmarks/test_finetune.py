@@ -171,6 +171,10 @@ def test_the_plan_caches_every_run_and_the_report_reproduces_it_from_the_cache(t
     assert f"**{trained} of {trained} runs of the design cached**" in text
     assert "all 2 seeds cached): arith lora, arith full of 2 (task, mode) pairs" in text
     assert "| ROOT at AdamW's best lr (drop-in) | 0.0003 |" in text
+    assert (
+        "- **arith, lora**: held-out loss at each optimizer's best lr: AdamW 1.005 ± 0.007 (n=2) at lr 0.0003" in text
+    )
+    assert "Drop-in (ROOT at AdamW's best lr 0.0003, ROOT's best is 0.003): 2.005 ± 0.007 (n=2)." in text
     assert "| ROOT (noisy) | 0.003 |" in text and "(probe: 10x lr) | 0.03 |" in text
     assert "| AdamW | 0.0003 | 1.005 ± 0.007 (n=2) | 0.400 ± 0.000 (n=2) | 0.100 ± 0.000 (n=2) | 0.10 |" in text
     (tmp_path / next(iter(tmp_path.glob("*.json"))).name).unlink()
