@@ -175,6 +175,9 @@ def test_the_plan_caches_every_run_and_the_report_reproduces_it_from_the_cache(t
         "- **arith, lora**: held-out loss at each optimizer's best lr: AdamW 1.005 ± 0.007 (n=2) at lr 0.0003" in text
     )
     assert "Drop-in (ROOT at AdamW's best lr 0.0003, ROOT's best is 0.003): 2.005 ± 0.007 (n=2)." in text
+    assert (
+        "Verdict: a tie (ROOT - AdamW = +0.000, within 0.007, the larger seed sd, 2/2 seeds). Use ROOT at 10x" in text
+    )
     assert "| ROOT (noisy) | 0.003 |" in text and "(probe: 10x lr) | 0.03 |" in text
     assert "| AdamW | 0.0003 | 1.005 ± 0.007 (n=2) | 0.400 ± 0.000 (n=2) | 0.100 ± 0.000 (n=2) | 0.10 |" in text
     (tmp_path / next(iter(tmp_path.glob("*.json"))).name).unlink()
@@ -252,3 +255,14 @@ def test_walk_waits_for_runs_another_worker_holds_and_then_uses_them(tmp_path, m
     # ROOT's best (fake_run: 3e-3) is past the grid: the sweep extends only once 1e-3 is known
     assert plan[("arith", "lora")]["best"]["ROOT"] == 3e-3
     assert not [m for s in studies.values() for m in s.missing]
+
+
+def test_verdict_calls_a_gap_inside_the_seed_spread_a_tie_and_names_the_winner_outside_it():
+    runs = lambda *losses: [{"final_eval": v} for v in losses]  # noqa: E731
+    assert finetune.verdict(runs(2.126), runs(2.124)).startswith("Verdict: a tie (ROOT - AdamW = +0.002, within 0.040")
+    assert finetune.verdict(runs(2.0), runs(2.1)).startswith("Verdict: ROOT ahead by 0.100 (more than 0.040, one seed")
+    assert finetune.verdict(runs(2.1, 2.12), runs(2.0, 2.01)).startswith("Verdict: AdamW ahead by 0.105 (more than")
+    assert finetune.verdict(runs(2.0, 2.3), runs(2.1, 2.1)).startswith("Verdict: a tie (ROOT - AdamW = +0.050, within")
+    assert finetune.verdict([{"final_eval": float("inf"), "diverged": "x"}], runs(2.0)).endswith(
+        "diverged at its best lr."
+    )
