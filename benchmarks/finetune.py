@@ -1161,7 +1161,8 @@ def docs_section(body: str, studies: dict[tuple[str, str, str], FinetuneStudy], 
             "",
             "Generated from the run cache (`benchmarks/results/finetune/`, one JSON file per run, committed) by "
             "`python benchmarks/finetune.py --report-only`; `python benchmarks/finetune.py` trains the missing runs "
-            "in plan order and can be stopped and resumed at any point. The study accumulates across sessions: "
+            "in plan order and can be stopped and resumed at any point (`--jobs N`: N worker processes share the "
+            "cache, each run claimed before it trains). The study accumulates across sessions: "
             "**read the count below before reading anything into the tables**: rows with n=1 are single seeds, and "
             "a sweep whose best lr sits at the edge of its grid is not finished.",
             "",
@@ -1258,9 +1259,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # a --jobs child: no report
     args = parser.parse_args(argv)
     if args.jobs < 1:
-        raise ValueError(f"Invalid --jobs: {args.jobs}. Must be a positive integer.")
+        parser.error(f"invalid --jobs: {args.jobs}. Must be a positive integer (1: this process alone).")
     if args.jobs > 1 and (args.quick or args.report_only or args.step_time):
-        raise ValueError("--jobs applies to training the study: drop it with --quick, --report-only or --step-time.")
+        parser.error("--jobs applies to training the study: drop it with --quick, --report-only or --step-time.")
     torch.set_num_threads(args.threads)
     budget, design = (QUICK_BUDGET, QUICK_DESIGN) if args.quick else (Budget(), Design())
     print("benchmarks/finetune.py: fine-tuning SmolLM2-135M-Instruct (full and LoRA) on chat / arith / langid")

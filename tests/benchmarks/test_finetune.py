@@ -266,3 +266,16 @@ def test_verdict_calls_a_gap_inside_the_seed_spread_a_tie_and_names_the_winner_o
     assert finetune.verdict([{"final_eval": float("inf"), "diverged": "x"}], runs(2.0)).endswith(
         "diverged at its best lr."
     )
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--jobs", "0"], "invalid --jobs: 0. Must be a positive integer"),
+        (["--jobs", "2", "--quick"], "drop it with --quick, --report-only or --step-time"),
+    ],
+)
+def test_bad_jobs_values_are_refused_with_the_fix(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        finetune.main(argv)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
