@@ -37,15 +37,17 @@ then cosine decay to 0, as the `Trainer`'s `cosine`; weight decay 0, the `Traine
 - `ROOT`: `create_root_optimizer(model, lr=...)` as `--optim root` builds it from `TrainingArguments` (betas
   (0.9, 0.999), eps 1e-8, weight decay 0), otherwise the package defaults (clip 0.90-quantile, `lora_policy`).
 - `ROOT clip off`: as `ROOT` with `clip_quantile=None` (the clip isolated), at ROOT's best lr.
+- `ROOT lora_policy=both` (LoRA only): as `ROOT` with both LoRA factors on the orthogonalized branch, against the
+  default `lora_policy="b_only"` (`lora_B` only), at ROOT's best lr: the evidence for that default on real tasks.
 
 The plan, in the order it trains (most decision-relevant first; `plan_runs`), one (task, mode) at a time, every task
 with LoRA before any with full fine-tuning, the recipe's task (`chat`) first: 1. the shared lr grid at seed 0 with
-the optimizers side by side at each lr, each sweep extended past an edge where its best lr sits; 2. the clip-off run
-at ROOT's best lr and the drop-in runs (ROOT at AdamW's best lr, which the shared grid holds, and at TRL's default
-lr 2e-5); 3. seeds 1 and 2 of every best lr and of the drop-in runs. Then, over every (task, mode): 4. the noisy
-variant (20% of the training answers replaced by another item's answer) at the clean best lrs, 3 seeds; 5. the
-too-high-lr probe (every optimizer at 10x its own best lr). So a study stopped early leaves whole (task, mode) pairs
-settled rather than every pair at one seed.
+the optimizers side by side at each lr, each sweep extended past an edge where its best lr sits; 2. the ablations at
+ROOT's best lr (clip off; with LoRA also `lora_policy=both`) and the drop-in runs (ROOT at AdamW's best lr, which the
+shared grid holds, and at TRL's default lr 2e-5); 3. seeds 1 and 2 of every best lr, ablation and drop-in run. Then,
+over every (task, mode): 4. the noisy variant (20% of the training answers replaced by another item's answer) at the
+clean best lrs, 3 seeds; 5. the too-high-lr probe (every optimizer at 10x its own best lr). So a study stopped early
+leaves whole (task, mode) pairs settled rather than every pair at one seed.
 
 Runs are cached one JSON file each under `benchmarks/results/finetune/` (committed), keyed by everything that changes
 them (task data, budget, model, the harness's and this study's versions; ROOT's defaults for ROOT's and Muon's runs
@@ -94,6 +96,7 @@ from benchmarks.harness import (
     warmup_steps,
 )
 from root_hf import create_root_optimizer
+from root_hf.integrations.routing import DEFAULT_LORA_POLICY
 from root_hf.optim.hyperparams import DEFAULTS as ROOT_DEFAULTS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -187,7 +190,7 @@ class Design:
 
 
 # --quick trains a tiny random model of SmolLM2's architecture and vocabulary (its config with these sizes) instead of
-# the real 135M one: the smoke run walks every phase of the plan (13 runs) in seconds each instead of 16-24 s.
+# the real 135M one: the smoke run walks every phase of the plan (14 runs) in seconds each instead of 16-24 s.
 TINY_MODEL = {
     "hidden_size": 64,
     "intermediate_size": 128,
@@ -227,7 +230,10 @@ OPTIMIZERS: dict[str, dict[str, Any]] = {
     "Muon": {"kind": "root", "clip_quantile": None, "ns_coefficients": "muon"},
     "ROOT": {"kind": "root"},
     "ROOT clip off": {"kind": "root", "clip_quantile": None},
+    # LoRA only: both factors orthogonalized, against the package default `lora_policy="b_only"` (lora_A on AdamW)
+    "ROOT lora_policy=both": {"kind": "root", "lora_policy": "both"},
 }
+ABLATIONS = {"ROOT clip off": ("full", "lora"), "ROOT lora_policy=both": ("lora",)}  # name -> modes; at ROOT's best lr
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -641,7 +647,14 @@ class FinetuneStudy(Study):
 
     def spec_key(self, spec: dict[str, Any]) -> Any:
         """A ROOT spec with ROOT's defaults (a changed default retrains ROOT and Muon runs, never AdamW's)."""
-        return {**spec, "root_defaults": ROOT_DEFAULTS} if spec["kind"] == "root" else spec
+        if spec["kind"] != "root":
+            return spec
+        key = {**spec, "root_defaults": ROOT_DEFAULTS}
+        # The default `lora_policy` entered the key after the first cached LoRA runs, all trained under "b_only": it
+        # is named only once it differs, so those runs keep their keys and a changed default still retrains them.
+        if self.mode == "lora" and "lora_policy" not in spec and DEFAULT_LORA_POLICY != "b_only":
+            key["lora_policy"] = DEFAULT_LORA_POLICY
+        return key
 
     def get(self, name: str, spec: dict[str, Any], lr: float, seed: int, variant: str = "clean") -> dict | None:
         run = super().get(name, spec, lr, seed, variant)
@@ -661,6 +674,11 @@ class FinetuneStudy(Study):
 
 class Budgeted(Exception):
     """Raised when `--max-runs` runs have been trained."""
+
+
+def ablations(mode: str) -> tuple[str, ...]:
+    """The ablations of ROOT (`ABLATIONS`) that run in `mode`, at ROOT's best lr."""
+    return tuple(name for name, modes in ABLATIONS.items() if mode in modes)
 
 
 def plan_runs(
@@ -693,11 +711,12 @@ def plan_runs(
             else:
                 entry["best"].pop(name, None)
         best = entry["best"]
-        if "ROOT" in best:
-            check()
-            s.get("ROOT clip off", OPTIMIZERS["ROOT clip off"], best["ROOT"], 0)
-        else:
-            s.pending("ROOT clip off at ROOT's best lr, seed 0")
+        for name in ablations(mode):
+            if "ROOT" in best:
+                check()
+                s.get(name, OPTIMIZERS[name], best["ROOT"], 0)
+            else:
+                s.pending(f"{name} at ROOT's best lr, seed 0")
         check()
         s.get("ROOT", OPTIMIZERS["ROOT"], TRL_DEFAULT_LR, 0)  # drop-in at TRL's default lr
         if "AdamW" in best:
@@ -709,8 +728,8 @@ def plan_runs(
     def seeds(task: str, mode: str) -> None:
         s = studies[(task, mode, "clean")]
         best = out[(task, mode)]["best"]
-        for name in (*SWEPT, "ROOT clip off"):
-            lr = best.get("ROOT" if name == "ROOT clip off" else name)
+        for name in (*SWEPT, *ablations(mode)):
+            lr = best.get("ROOT" if name in ABLATIONS else name)
             for seed in design.seeds[1:]:
                 if lr is None:
                     s.pending(f"{name} at its best lr, seed {seed}")
@@ -993,7 +1012,7 @@ def report(
             lines.append("|---|---|---|---|---|---|")
             best = entry["best"]
             rows: list[tuple[str, float | None]] = [(n, best.get(n)) for n in SWEPT]
-            rows.append(("ROOT clip off", best.get("ROOT")))
+            rows += [(name, best.get("ROOT")) for name in ablations(mode)]
             for name, lr in rows:
                 if lr is None:
                     continue
@@ -1179,9 +1198,10 @@ def docs_section(body: str, studies: dict[tuple[str, str, str], FinetuneStudy], 
             "(Python standard-library docstrings) after minus before the fine-tune.",
             "- Optimizers: AdamW (the `Trainer` defaults), Muon (`torch.optim.Muon`'s update in float32 through "
             "ROOT's code path: `torch.optim.Muon`'s bfloat16 Newton-Schulz is 14x slower on this CPU) + AdamW, "
-            "ROOT (`--optim root` "
-            "defaults), ROOT with the clip off at ROOT's best lr. lr grids (seed 0, extended past an edge up to "
-            f"{design.max_extra} points): full {list(design.lrs['full'])}, LoRA {list(design.lrs['lora'])}; seeds "
+            "ROOT (`--optim root` defaults), and at ROOT's best lr ROOT with the clip off and, with LoRA, ROOT "
+            "with both LoRA factors orthogonalized (`lora_policy=both`, against the default `b_only`). lr grids "
+            f"(seed 0, extended past an edge up to {design.max_extra} points): full {list(design.lrs['full'])}, "
+            f"LoRA {list(design.lrs['lora'])}; seeds "
             f"{list(design.seeds)} at each best lr; noisy variant: {design.wrong_labels:.0%} of the training answers "
             f"replaced by another item's answer; probe: each optimizer at {design.probe_factor:g}x its best lr; "
             f"drop-in: ROOT at AdamW's best lr and at TRL's default lr {TRL_DEFAULT_LR:g}.",

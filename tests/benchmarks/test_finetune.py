@@ -179,6 +179,11 @@ def test_the_plan_caches_every_run_and_the_report_reproduces_it_from_the_cache(t
         "Verdict: a tie (ROOT - AdamW = +0.000, within 0.007, the larger seed sd, 2/2 seeds). Use ROOT at 10x" in text
     )
     assert "| ROOT (noisy) | 0.003 |" in text and "(probe: 10x lr) | 0.03 |" in text
+    # the lora_policy ablation: with LoRA only, at ROOT's best lr, every seed
+    lora, full = (studies[("arith", m, "clean")] for m in ("lora", "full"))
+    assert {k[2:] for k in lora.runs if k[0] == "ROOT lora_policy=both"} == {(3e-3, 0), (3e-3, 1)}
+    assert not [k for k in full.runs if k[0] == "ROOT lora_policy=both"]
+    assert text.count("| ROOT lora_policy=both | 0.003 |") == 1
     assert "| AdamW | 0.0003 | 1.005 ± 0.007 (n=2) | 0.400 ± 0.000 (n=2) | 0.100 ± 0.000 (n=2) | 0.10 |" in text
     (tmp_path / next(iter(tmp_path.glob("*.json"))).name).unlink()
     again = finetune.make_studies(tmp_path, BUDGET, design, report_only=True, write=True)
@@ -195,7 +200,25 @@ def test_a_changed_root_default_retrains_root_and_muon_runs_but_not_adamw(tmp_pa
     changed = {
         n for n, spec in finetune.OPTIMIZERS.items() if run_key(again.key, again.spec_key(spec), 1e-3, 0) != keys[n]
     }
-    assert changed == {"Muon", "ROOT", "ROOT clip off"}
+    assert changed == {"Muon", "ROOT", "ROOT clip off", "ROOT lora_policy=both"}
+
+
+@needs_smollm2
+def test_a_changed_default_lora_policy_retrains_lora_runs_that_use_it_and_nothing_else(tmp_path, monkeypatch):
+    studies = {m: finetune.FinetuneStudy(tmp_path, "arith", m, BUDGET) for m in ("lora", "full")}
+
+    def keys():
+        return {
+            (m, n): run_key(s.key, s.spec_key(spec), 1e-3, 0)
+            for m, s in studies.items()
+            for n, spec in finetune.OPTIMIZERS.items()
+        }
+
+    before = keys()
+    monkeypatch.setattr(finetune, "DEFAULT_LORA_POLICY", "both")
+    after = keys()
+    changed = {k for k in before if before[k] != after[k]}
+    assert changed == {("lora", "Muon"), ("lora", "ROOT"), ("lora", "ROOT clip off")}
 
 
 @needs_smollm2
