@@ -885,21 +885,105 @@ def settled_pair(
 SEED_SPREAD_N1 = 0.04
 
 
-def verdict(root: list[dict[str, Any]], adamw: list[dict[str, Any]]) -> str:
-    """ "ROOT ahead / AdamW ahead / a tie" from the two optimizers' runs at their best lrs, against the seed spread."""
-    a = [r["final_eval"] for r in root if not r.get("diverged")]
-    b = [r["final_eval"] for r in adamw if not r.get("diverged")]
+def compare(a_runs: list[dict[str, Any]], b_runs: list[dict[str, Any]], names: tuple[str, str]) -> str:
+    """ "A ahead by x / B ahead by x / a tie" from the held-out losses of two run sets, against the seed spread."""
+    a = [r["final_eval"] for r in a_runs if not r.get("diverged")]
+    b = [r["final_eval"] for r in b_runs if not r.get("diverged")]
     if not a or not b:
-        return "Verdict: one side diverged at its best lr."
+        return f"{names[0] if not a else names[1]} diverged"
     gap = statistics.mean(a) - statistics.mean(b)
     if len(a) > 1 and len(b) > 1:
         spread, basis = max(statistics.stdev(a), statistics.stdev(b)), f"the larger seed sd, {len(a)}/{len(b)} seeds"
     else:
         spread, basis = SEED_SPREAD_N1, "one seed: the seed spread of an earlier LoRA study"
     if abs(gap) <= spread:
-        return f"Verdict: a tie (ROOT - AdamW = {gap:+.3f}, within {spread:.3f}, {basis})."
-    who = "ROOT" if gap < 0 else "AdamW"
-    return f"Verdict: {who} ahead by {abs(gap):.3f} (more than {spread:.3f}, {basis})."
+        return f"a tie ({names[0]} - {names[1]} = {gap:+.3f}, within {spread:.3f}, {basis})"
+    return f"{names[0] if gap < 0 else names[1]} ahead by {abs(gap):.3f} (more than {spread:.3f}, {basis})"
+
+
+def verdict(root: list[dict[str, Any]], adamw: list[dict[str, Any]]) -> str:
+    """ "ROOT ahead / AdamW ahead / a tie" from the two optimizers' runs at their best lrs, against the seed spread."""
+    text = compare(root, adamw, ("ROOT", "AdamW"))
+    return "Verdict: one side diverged at its best lr." if text.endswith("diverged") else f"Verdict: {text}."
+
+
+def lower_at(a_runs: list[dict[str, Any]], b_runs: list[dict[str, Any]]) -> tuple[int, int]:
+    """(seeds where A's held-out loss is below B's, seeds both have): the paired comparison (a seed fixes the data
+    order and the LoRA initialization for every optimizer)."""
+    b = {r["seed"]: r["final_eval"] for r in b_runs}
+    pairs = [(r["final_eval"], b[r["seed"]]) for r in a_runs if r["seed"] in b]
+    return sum(x < y for x, y in pairs), len(pairs)
+
+
+def _forgetting(runs: list[dict[str, Any]]) -> float | None:
+    values = [
+        r["metrics"]["forget_loss"] - r["metrics"]["before"]["forget_loss"]
+        for r in runs
+        if not r.get("diverged") and r.get("metrics")
+    ]
+    return statistics.mean(values) if values else None
+
+
+def recommendation(
+    studies: dict[tuple[str, str, str], FinetuneStudy], plan: dict[str, Any], design: Design
+) -> list[str]:
+    """What a user can act on, per settled (task, mode) pair (`settled_pair`) only: ROOT against AdamW and Muon, the lr
+    to use (and what TRL's default lr costs), the clip and `lora_policy` ablations, forgetting, and the extra cost of
+    ROOT's optimizer step; then the pairs not settled yet."""
+    out, open_pairs = [], []
+    for mode in design.modes:
+        for task in design.tasks:
+            if not settled_pair(studies, plan, design, task, mode):
+                open_pairs.append(f"{task} {mode}")
+                continue
+            s, best = studies[(task, mode, "clean")], plan[(task, mode)]["best"]
+
+            def at(name: str, lr: float, s: FinetuneStudy = s) -> list[dict[str, Any]]:
+                return _runs(s, name, lr, design.seeds)
+
+            root, adamw = at("ROOT", best["ROOT"]), at("AdamW", best["AdamW"])
+            wins, n = lower_at(root, adamw)
+            parts = [
+                f"ROOT against AdamW: {compare(root, adamw, ('ROOT', 'AdamW'))}; ROOT lower at {wins} of {n} seeds",
+                f"ROOT against Muon: {compare(root, at('Muon', best['Muon']), ('ROOT', 'Muon'))}",
+            ]
+            if best["ROOT"] == best["AdamW"]:
+                parts.append(f"lr: AdamW's best, {best['AdamW']:g}, is ROOT's best too: switch only `--optim`")
+            else:
+                drop = _row(at("ROOT", best["AdamW"]), task)[0]
+                parts.append(
+                    f"lr: ROOT's best is {best['ROOT'] / best['AdamW']:.3g}x AdamW's ({best['ROOT']:g}); at AdamW's "
+                    f"{best['AdamW']:g} ROOT reaches {drop}: set `--learning_rate {best['ROOT']:g}`"
+                )
+            trl = at("ROOT", TRL_DEFAULT_LR)
+            if trl:
+                worse = statistics.mean(r["final_eval"] for r in trl) > statistics.mean(r["final_eval"] for r in root)
+                parts.append(
+                    f"TRL's default lr {TRL_DEFAULT_LR:g} leaves ROOT at {_row(trl, task)[0]} "
+                    f"(vs {_row(root, task)[0]} at its best)" + (": pass `--learning_rate`" if worse else "")
+                )
+            for name, label in (("ROOT clip off", "the clip"), ("ROOT lora_policy=both", "`lora_policy`")):
+                other = at(name, best["ROOT"]) if name in ablations(mode) else []
+                if other:
+                    pair = ("ROOT", "clip off") if name == "ROOT clip off" else ("b_only (default)", "both")
+                    parts.append(f"{label}: {compare(root, other, pair)}")
+            fr, fa = _forgetting(root), _forgetting(adamw)
+            if fr is not None and fa is not None:
+                parts.append(f"forgetting (general-text loss change): ROOT {fr:+.3f}, AdamW {fa:+.3f}")
+            opt_r, opt_a = ([statistics.median(r["opt_s"]) for r in v if r.get("opt_s")] for v in (root, adamw))
+            steps = [statistics.median(r["step_s"]) for r in adamw if r.get("step_s")]
+            if opt_r and opt_a and steps:
+                o_r, o_a, step = statistics.median(opt_r), statistics.median(opt_a), statistics.median(steps)
+                parts.append(
+                    f"cost: ROOT's optimizer step {o_r:.3f} s against AdamW's {o_a:.3f} s, "
+                    f"{(o_r - o_a) / step:+.0%} of AdamW's training step ({step:.2f} s)"
+                )
+            out.append(f"- **{task}, {mode}**:")
+            out += [f"    - {part}." for part in parts]
+    if not out:
+        return []
+    tail = f"- Not settled yet, so no advice: {', '.join(open_pairs)}." if open_pairs else ""
+    return ["Recommendation (settled pairs only, mean over seeds at each optimizer's best lr):", "", *out, tail, ""]
 
 
 def headline(studies: dict[tuple[str, str, str], FinetuneStudy], plan: dict[str, Any], design: Design) -> list[str]:
@@ -965,6 +1049,7 @@ def report(
         )
     )
     lines.append("")
+    lines += recommendation(studies, plan, design)
     lines += headline(studies, plan, design)
     for task in design.tasks:
         for mode in design.modes:

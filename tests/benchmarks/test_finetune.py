@@ -184,6 +184,12 @@ def test_the_plan_caches_every_run_and_the_report_reproduces_it_from_the_cache(t
     assert {k[2:] for k in lora.runs if k[0] == "ROOT lora_policy=both"} == {(3e-3, 0), (3e-3, 1)}
     assert not [k for k in full.runs if k[0] == "ROOT lora_policy=both"]
     assert text.count("| ROOT lora_policy=both | 0.003 |") == 1
+    # the recommendation, settled pairs only: what to do about the lr, the ablations, the cost
+    assert "Recommendation (settled pairs only" in text and "- **arith, lora**:" in text
+    assert "    - lr: ROOT's best is 10x AdamW's (0.003); at AdamW's 0.0003 ROOT reaches 2.005 ± 0.007 (n=2)" in text
+    assert "leaves ROOT at 3.181 ± 0.007 (n=2) (vs 1.005 ± 0.007 (n=2) at its best): pass `--learning_rate`." in text
+    assert "    - `lora_policy`: a tie (b_only (default) - both = +0.000" in text
+    assert text.count("    - the clip: a tie (ROOT - clip off") == 2  # LoRA and full
     assert "| AdamW | 0.0003 | 1.005 ± 0.007 (n=2) | 0.400 ± 0.000 (n=2) | 0.100 ± 0.000 (n=2) | 0.10 |" in text
     (tmp_path / next(iter(tmp_path.glob("*.json"))).name).unlink()
     again = finetune.make_studies(tmp_path, BUDGET, design, report_only=True, write=True)
@@ -278,6 +284,12 @@ def test_walk_waits_for_runs_another_worker_holds_and_then_uses_them(tmp_path, m
     # ROOT's best (fake_run: 3e-3) is past the grid: the sweep extends only once 1e-3 is known
     assert plan[("arith", "lora")]["best"]["ROOT"] == 3e-3
     assert not [m for s in studies.values() for m in s.missing]
+
+
+def test_lower_at_pairs_runs_by_seed():
+    runs = lambda *losses: [{"final_eval": v, "seed": i} for i, v in enumerate(losses)]  # noqa: E731
+    assert finetune.lower_at(runs(1.0, 2.0, 3.0), runs(1.5, 1.5)) == (1, 2)
+    assert finetune.lower_at(runs(1.0), runs()) == (0, 0)
 
 
 def test_verdict_calls_a_gap_inside_the_seed_spread_a_tie_and_names_the_winner_outside_it():
