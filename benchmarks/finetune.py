@@ -1136,7 +1136,7 @@ def report(
         more = f" ... and {len(missing) - len(shown)} more" if len(missing) > len(shown) else ""
         lines.append(f"Missing ({len(missing)}): " + "; ".join(shown) + more)
     if plot_path is not None:
-        if plot(plan, design, plot_path):
+        if plot(plan, design, plot_path, studies):
             lines.append("")
             docs = REPO / "docs"
             if plot_path.is_relative_to(docs):  # the docs page shows it (its path relative to docs/results.md)
@@ -1146,8 +1146,12 @@ def report(
     return "\n".join(lines)
 
 
-def plot(plan: dict[str, Any], design: Design, path: Path) -> bool:
-    """Final held-out loss against lr, one panel per (task, mode) with a sweep; False without matplotlib or data."""
+def plot(
+    plan: dict[str, Any], design: Design, path: Path, studies: dict[tuple[str, str, str], FinetuneStudy] | None = None
+) -> bool:
+    """Top row: final held-out loss against lr, one panel per (task, mode) with a sweep. Bottom row (with `studies`):
+    held-out loss against step at each optimizer's best lr, mean over the cached seeds with their range shaded, so
+    a reader sees whether the budget let the curves flatten. False without matplotlib or data."""
     try:
         import matplotlib
 
@@ -1160,7 +1164,8 @@ def plot(plan: dict[str, Any], design: Design, path: Path) -> bool:
     ]
     if not panels:
         return False
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    rows = 2 if studies is not None else 1
+    fig, axes = plt.subplots(rows, len(panels), figsize=(4.2 * len(panels), 3.6 * rows), squeeze=False)
     for ax, (task, mode) in zip(axes[0], panels, strict=True):
         for name, sweep in plan[(task, mode)]["sweeps"].items():
             pts = [(lr, r["final_eval"]) for lr, r in sorted(sweep.items()) if not r.get("diverged")]
@@ -1170,6 +1175,29 @@ def plot(plan: dict[str, Any], design: Design, path: Path) -> bool:
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("held-out loss (seed 0)")
     axes[0][0].legend()
+    if studies is not None:
+        for ax, (task, mode) in zip(axes[1], panels, strict=True):
+            best = plan[(task, mode)]["best"]
+            for name in SWEPT:
+                runs = [
+                    r
+                    for r in _runs(studies[(task, mode, "clean")], name, best.get(name, 0.0), design.seeds)
+                    if not r.get("diverged")
+                ]
+                if not runs:
+                    continue
+                steps = [e[0] for e in runs[0]["evals"]]
+                curves = [[e[2] for e in r["evals"]] for r in runs if [e[0] for e in r["evals"]] == steps]
+                mean = [statistics.mean(c) for c in zip(*curves, strict=True)]
+                (line,) = ax.plot(steps, mean, "o-", ms=3, label=f"{name} lr {best[name]:g} (n={len(curves)})")
+                if len(curves) > 1:
+                    lo, hi = ([f(c) for c in zip(*curves, strict=True)] for f in (min, max))
+                    ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.2)
+            ax.set(xlabel="step", title=f"{task}, {mode}: at each best lr")
+            ax.grid(alpha=0.3)
+            if ax.lines:
+                ax.legend(fontsize=8)
+        axes[1][0].set_ylabel("held-out loss (mean over seeds)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
