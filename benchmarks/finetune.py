@@ -8,6 +8,7 @@ Usage:
     python benchmarks/finetune.py --max-runs 10     # train at most 10 missing runs, then the report
     python benchmarks/finetune.py --jobs 2          # two worker processes (1 thread each) share the plan
     python benchmarks/finetune.py --step-time       # seconds per step of full FT / LoRA (float32, bf16 autocast)
+    python benchmarks/finetune.py --update-rms      # AdamW's and ROOT's update size per unit lr (the drop-in basis)
 
 Tasks (every prompt encoded by the recipe's chat encoder, `recipes.assets.encode_chat`, loss on the answer tokens):
 
@@ -642,7 +643,7 @@ class FinetuneStudy(Study):
             report_only=report_only,
             label=f"[{task} {mode} {variant}] ",
         )
-        self.task_name, self.mode, self.variant = task, mode, variant
+        self.task_name, self.mode, self.variant, self.tiny = task, mode, variant, tiny
         self.missing: dict[str, None] = {}  # ordered set: what the plan still needs
 
     def spec_key(self, spec: dict[str, Any]) -> Any:
@@ -1050,6 +1051,8 @@ def report(
     )
     lines.append("")
     lines += recommendation(studies, plan, design)
+    if UPDATE_RMS.exists() and not any(s.tiny for s in studies.values()):
+        lines += update_rms_lines(json.loads(UPDATE_RMS.read_text(encoding="utf-8")))
     lines += headline(studies, plan, design)
     for task in design.tasks:
         for mode in design.modes:
@@ -1249,6 +1252,73 @@ def step_time(budget: Budget, repeats: int = 3) -> dict[str, float]:
     return out
 
 
+UPDATE_RMS = RESULTS / "finetune_update_rms.json"  # `--update-rms`'s measurement (committed; the report quotes it)
+
+
+def update_rms(budget: Budget, steps: int = 40, root_steps: int = 3, tiny: bool = False) -> dict[str, Any]:
+    """How far one step moves the matrices ROOT orthogonalizes, per unit of lr: the per-element RMS of
+    (W_after - W_before) / lr at each step, median (and range) over those matrices, for AdamW (`steps` steps) and ROOT
+    (`root_steps`: its update size is fixed by construction, and a full ROOT step costs 37.5 CPU s), on the chat
+    task's batches at a constant lr (the grid's middle), full and LoRA.
+
+    ROOT's `adjust_lr_fn="match_rms_adamw"` scales the orthogonalized update to RMS 0.2 because that is about the RMS
+    of AdamW's update once its second moment has averaged the gradient noise (arXiv 2502.16982). Where AdamW's
+    measured RMS is near 0.2, the same lr moves the weights of both optimizers alike: the basis of the drop-in
+    claim."""
+    out: dict[str, Any] = {"steps": steps, "root_steps": root_steps}
+    for mode in ("lora", "full"):
+        lr = Design().lrs[mode][1]
+        entry: dict[str, Any] = {"lr": lr}
+        for name, n in (("AdamW", steps), ("ROOT", root_steps)):
+            task = FinetuneTask("chat", mode, budget, tiny=tiny)
+            model = task.build(0)
+            matrices = routed_matrices(model)
+            opts, batches = task.optimizers(model, OPTIMIZERS[name], lr), task.batches(0)
+            rows = []
+            for _ in range(n):
+                task.loss(model, next(batches)).backward()
+                before = [p.detach().clone() for p in matrices]
+                for o in opts:
+                    o.step()
+                    o.zero_grad(set_to_none=True)
+                with torch.no_grad():
+                    rms = sorted(
+                        float((p - b).pow(2).mean().sqrt()) / lr for p, b in zip(matrices, before, strict=True)
+                    )
+                rows.append((statistics.median(rms), rms[0], rms[-1]))
+            entry[name] = {"median": [r[0] for r in rows], "min": [r[1] for r in rows], "max": [r[2] for r in rows]}
+            print(
+                f"  {mode:<4} {name:<5} update RMS / lr, median over {len(matrices)} matrices, steps 1..{n}: "
+                + " ".join(f"{r[0]:.3f}" for r in rows),
+                flush=True,
+            )
+        out[mode] = entry
+    return out
+
+
+def update_rms_lines(data: dict[str, Any]) -> list[str]:
+    """The report's paragraph on `update_rms`'s measurement."""
+    late = slice(min(19, data["steps"] - 1), None)  # steps 20.. (AdamW's second moment has averaged ~20 gradients)
+    parts = []
+    for mode in ("lora", "full"):
+        e = data[mode]
+        a, r = e["AdamW"]["median"], e["ROOT"]["median"]
+        parts.append(
+            f"{'LoRA (lora_B)' if mode == 'lora' else 'full fine-tuning'} at lr {e['lr']:g}: AdamW {a[0]:.2f} at step "
+            f"1, {a[min(9, len(a) - 1)]:.2f} at step {min(10, len(a))}, {statistics.mean(a[late]):.2f} over steps "
+            f"{late.start + 1}-{len(a)}; ROOT {statistics.mean(r):.2f} (steps 1-{len(r)})"
+        )
+    return [
+        "Update size (`python benchmarks/finetune.py --update-rms`, chat task, constant lr, seed 0): per-element RMS "
+        "of one step's change of the matrices ROOT orthogonalizes, divided by the lr, median over the matrices: "
+        + "; ".join(parts)
+        + ". So after AdamW's first steps (larger: bias correction makes its first step sign-like, RMS 1) the same lr "
+        "moves the weights of both optimizers by about the same amount, in LoRA and in full fine-tuning: what ROOT's "
+        "`match_rms_adamw` scale (0.2) is for.",
+        "",
+    ]
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------------------------------------------------
@@ -1379,6 +1449,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
     parser.add_argument("--step-time", action="store_true", help="seconds per step, full / LoRA, fp32 / bf16")
     parser.add_argument(
+        "--update-rms",
+        action="store_true",
+        help=f"measure AdamW's and ROOT's update size per unit lr, full and LoRA (writes {UPDATE_RMS.name})",
+    )
+    parser.add_argument(
         "--device", default="cpu", help="torch device of the runs (default: cpu; other devices are cached apart)"
     )
     parser.add_argument("--plot", type=Path, default=None, help="PNG path (default: docs/img/finetune.png)")
@@ -1393,8 +1468,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error(f"invalid --jobs: {args.jobs}. Must be a positive integer (1: this process alone).")
-    if args.jobs > 1 and (args.quick or args.report_only or args.step_time):
-        parser.error("--jobs applies to training the study: drop it with --quick, --report-only or --step-time.")
+    if args.jobs > 1 and (args.quick or args.report_only or args.step_time or args.update_rms):
+        parser.error(
+            "--jobs applies to training the study: drop it with --quick, --report-only, --step-time or --update-rms."
+        )
     torch.set_num_threads(args.threads)
     budget, design = (QUICK_BUDGET, QUICK_DESIGN) if args.quick else (Budget(), Design())
     print("benchmarks/finetune.py: fine-tuning SmolLM2-135M-Instruct (full and LoRA) on chat / arith / langid")
@@ -1403,6 +1480,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.step_time:
         step_time(budget)
         return
+    if args.update_rms or args.quick:
+        data = update_rms(budget, **({"steps": 3, "root_steps": 2, "tiny": True} if args.quick else {}))
+        if not args.quick:
+            UPDATE_RMS.write_text(json.dumps({**data, "machine": machine_dict()}, indent=1) + "\n", encoding="utf-8")
+        print("\n".join(update_rms_lines(data)))
+        if args.update_rms:
+            return
     results = RESULTS / ("finetune-quick" if args.quick else "finetune")
     studies = make_studies(
         results, budget, design, args.report_only, write=not args.quick, device=args.device, tiny=args.quick

@@ -286,6 +286,20 @@ def test_walk_waits_for_runs_another_worker_holds_and_then_uses_them(tmp_path, m
     assert not [m for s in studies.values() for m in s.missing]
 
 
+@needs_smollm2
+def test_update_rms_sees_adamws_sign_like_first_step_and_roots_fixed_rms():
+    torch.set_num_threads(1)
+    data = finetune.update_rms(finetune.QUICK_BUDGET, steps=2, root_steps=1, tiny=True)
+    for mode in ("lora", "full"):
+        adamw, root = data[mode]["AdamW"], data[mode]["ROOT"]
+        # AdamW's bias-corrected first step is m/sqrt(v) = sign(g) up to eps: RMS 1 per unit lr
+        assert adamw["median"][0] == pytest.approx(1.0, abs=0.02) and len(adamw["median"]) == 2
+        # ROOT: 0.2 * sqrt(max(m, n)) * an (approximately) orthogonal matrix: RMS 0.2 up to Newton-Schulz's error
+        assert 0.15 < root["median"][0] < 0.23 and root["min"][0] <= root["median"][0] <= root["max"][0]
+    text = "".join(finetune.update_rms_lines(data))
+    assert "LoRA (lora_B) at lr 0.0003: AdamW 1.00 at step 1" in text and "full fine-tuning at lr 3e-05" in text
+
+
 def test_lower_at_pairs_runs_by_seed():
     runs = lambda *losses: [{"final_eval": v, "seed": i} for i, v in enumerate(losses)]  # noqa: E731
     assert finetune.lower_at(runs(1.0, 2.0, 3.0), runs(1.5, 1.5)) == (1, 2)
@@ -307,7 +321,7 @@ def test_verdict_calls_a_gap_inside_the_seed_spread_a_tie_and_names_the_winner_o
     ("argv", "message"),
     [
         (["--jobs", "0"], "invalid --jobs: 0. Must be a positive integer"),
-        (["--jobs", "2", "--quick"], "drop it with --quick, --report-only or --step-time"),
+        (["--jobs", "2", "--quick"], "drop it with --quick, --report-only, --step-time or --update-rms"),
     ],
 )
 def test_bad_jobs_values_are_refused_with_the_fix(argv, message, capsys):
