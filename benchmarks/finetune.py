@@ -947,6 +947,8 @@ def recommendation(
             parts = [
                 f"ROOT against AdamW: {compare(root, adamw, ('ROOT', 'AdamW'))}; ROOT lower at {wins} of {n} seeds",
                 f"ROOT against Muon: {compare(root, at('Muon', best['Muon']), ('ROOT', 'Muon'))}",
+                f"{PRIMARY_LABEL[task]}: "
+                + ", ".join(f"{name} {_row(at(name, best[name]), task)[1]}" for name in ("ROOT", "AdamW", "Muon")),
             ]
             if best["ROOT"] == best["AdamW"]:
                 parts.append(f"lr: AdamW's best, {best['AdamW']:g}, is ROOT's best too: switch only `--optim`")
