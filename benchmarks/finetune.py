@@ -1046,9 +1046,11 @@ def report(
         f"Settled (every optimizer's best lr inside its sweep, all {len(design.seeds)} seeds cached): "
         + (", ".join(settled) if settled else "none yet")
         + f" of {len(design.tasks) * len(design.modes)} (task, mode) pairs. "
+        + "No recommendation is drawn from unsettled pairs; a recipe default (lr, `lora_policy`) cites this study "
         + (
-            "No recommendation is drawn from unsettled pairs; the recipe's defaults (lr, `lora_policy`) are not "
-            "set from this study until its pair is settled."
+            "only for a settled pair (the recipe configs' comments name which)."
+            if settled
+            else "once its pair is settled."
         )
     )
     lines.append("")
