@@ -1185,12 +1185,9 @@ def plot(
     if studies is not None:
         for ax, (task, mode) in zip(axes[1], panels, strict=True):
             best = plan[(task, mode)]["best"]
-            for name in SWEPT:
-                runs = [
-                    r
-                    for r in _runs(studies[(task, mode, "clean")], name, best.get(name, 0.0), design.seeds)
-                    if not r.get("diverged")
-                ]
+            for name in (n for n in SWEPT if n in best):  # a sweep still growing has no best lr yet
+                runs = _runs(studies[(task, mode, "clean")], name, best[name], design.seeds)
+                runs = [r for r in runs if not r.get("diverged")]
                 if not runs:
                     continue
                 steps = [e[0] for e in runs[0]["evals"]]
